@@ -1,0 +1,31 @@
+"""Stage `split`: group-stratified train / val / test assignment with leakage checks."""
+
+import argparse
+from pathlib import Path
+
+from imgcls.config import load_params
+from imgcls.data.split import assign_splits, split_report
+from imgcls.io import read_csv, write_csv, write_json
+from imgcls.stage import run_stage
+
+
+def main() -> None:
+    """Assign every valid row to a split; keep earlier groups where they were when `stable`."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--valid", default="data/interim/valid.csv", type=Path)
+    ap.add_argument("--splits", default="data/processed/splits.csv", type=Path)
+    ap.add_argument("--report", default="reports/split.json", type=Path)
+    args = ap.parse_args()
+    params = load_params(args.params)
+    previous = read_csv(args.splits) if params.split.stable and args.splits.is_file() else None
+    splits = assign_splits(read_csv(args.valid), params.split, params.base.seed, previous)
+    report = split_report(splits, params.split)
+    write_csv(args.splits, splits)
+    write_json(args.report, report)
+    counts = splits["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
+    print("split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    run_stage("split", main)

@@ -1,0 +1,39 @@
+"""Stage `validate`: run the data contract; write valid rows and reports, or fail with a summary."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imgcls.config import load_params
+from imgcls.data.validation import validate_manifest
+from imgcls.io import read_csv, write_csv, write_json, write_text
+from imgcls.stage import run_stage
+
+
+def main() -> None:
+    """Validate the manifest; on failure leave every earlier output untouched and exit 1."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--manifest", default="data/interim/manifest.csv", type=Path)
+    ap.add_argument("--valid", default="data/interim/valid.csv", type=Path)
+    ap.add_argument("--report", default="reports/validation.json", type=Path)
+    ap.add_argument("--markdown", default="reports/validation.md", type=Path)
+    args = ap.parse_args()
+    params = load_params(args.params)
+    result = validate_manifest(read_csv(args.manifest), params.validate_)
+    if not result.ok:
+        # Not a DVC output: earlier good outputs and dvc.lock stay as they were.
+        failed = args.markdown.with_name("validation-failed.md")
+        write_text(failed, result.markdown)
+        print(result.summary(), file=sys.stderr)
+        print(f"\nvalidate: data contract failed; full report in {failed}", file=sys.stderr)
+        sys.exit(1)
+    write_csv(args.valid, result.valid)
+    write_json(args.report, json.loads(json.dumps(result.report, default=str)))
+    write_text(args.markdown, result.markdown)
+    print(f"validate: {len(result.valid)} valid rows -> {args.valid}")
+
+
+if __name__ == "__main__":
+    run_stage("validate", main)

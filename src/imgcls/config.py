@@ -1,0 +1,308 @@
+"""Typed, strict parameters: one pydantic model per `params.yaml` section.
+
+Every model forbids unknown keys, so a typo in `params.yaml` fails loudly with the section and
+key named instead of silently falling back to a default. The library never reads `params.yaml`
+itself: stage entry points call :func:`load_params` and pass the sections they need.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that is missing, unreadable or does not match the schema."""
+
+
+class Strict(BaseModel):
+    """Base for every params section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- base
+
+
+class BaseSection(Strict):
+    """Settings shared by all stages."""
+
+    seed: int = 42
+
+
+# --------------------------------------------------------------------------- data (ingest)
+
+
+class GroupConfig(Strict):
+    """How images are grouped so that a group never straddles two splits."""
+
+    by: Literal["none", "regex", "parent_dir", "csv", "near_duplicate"] = "none"
+    # `regex`: applied to the file name with re.search; the capturing group(s) form the group id
+    # (several groups are concatenated). A name the pattern does not match is its own group.
+    pattern: str | None = None
+    level: int = Field(1, ge=1)  # `parent_dir`: 1 = the file's own folder, 2 = its parent, ...
+    column: str = "group"  # `csv`: column of the labels CSV that holds the group
+
+    @model_validator(mode="after")
+    def _pattern_for_regex(self) -> GroupConfig:
+        if self.by == "regex":
+            if not self.pattern:
+                raise ValueError("data.group.by is 'regex' but data.group.pattern is empty")
+            try:
+                compiled = re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"data.group.pattern {self.pattern!r} is not a regex: {err}"
+                ) from None
+            if compiled.groups < 1:
+                raise ValueError(
+                    f"data.group.pattern {self.pattern!r} has no capturing group: wrap the part "
+                    "of the file name that identifies the group in ( ), e.g. '^([a-z]+\\d+)-'"
+                )
+        return self
+
+
+class SourceSpec(Strict):
+    """One data source in long form (the short form is a plain string: preset, path or URL)."""
+
+    kind: Literal["auto", "folder", "archive", "url", "digits", "idx", "csv", "preset"] = "auto"
+    path: str | None = None  # folder, archive, IDX directory or labels CSV (relative to repo root)
+    url: str | None = None  # https URL of an archive
+    sha256: str | None = None  # expected digest of the downloaded archive
+    name: str | None = None  # folder name under data/raw/ (default: derived from path / url)
+    split: Literal["train", "val", "test"] | None = None  # force `source_split` for every row
+    root: str | None = None  # CSV sources: folder that the CSV's paths are relative to
+    preset: str | None = None  # `preset`: rps | fashion-mnist (same as the short form)
+    classes: list[str] | None = None  # `idx`: class names for label indices 0, 1, ...
+    group: GroupConfig | None = None  # this source only: overrides `data.group`
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> SourceSpec:
+        needs = {"folder": "path", "archive": "path", "csv": "path", "url": "url"}
+        field = needs.get(self.kind)
+        if field and not getattr(self, field):
+            raise ValueError(f"a data.source of kind '{self.kind}' needs `{field}`")
+        if self.kind == "idx" and not self.path and not self.url:
+            raise ValueError("a data.source of kind 'idx' needs `path` (the folder of IDX files)")
+        if self.kind == "auto" and not (self.path or self.url or self.preset):
+            raise ValueError("a data.source needs one of `path`, `url` or `preset` (or a `kind`)")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ValueError(f"sha256 {self.sha256!r} is not 64 hex characters")
+        if self.name is not None and (
+            not self.name or "/" in self.name or "\\" in self.name or self.name.startswith(".")
+        ):
+            raise ValueError(
+                f"name {self.name!r} must be a plain folder name (no '/', no dot first)"
+            )
+        return self
+
+
+class DataConfig(Strict):
+    """`data` section: what `ingest` reads and how it groups images."""
+
+    source: str | SourceSpec | list[str | SourceSpec] = "digits"
+    group: GroupConfig = GroupConfig()
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
+    max_archive_bytes: int = Field(4 * 1024**3, gt=0)  # refuse archives that unpack larger
+    max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's decompression-bomb limit
+    workers: int = Field(0, ge=0)  # 0 = one per CPU core
+
+
+# --------------------------------------------------------------------------- validate
+
+
+class ValidateConfig(Strict):
+    """`validate` section: the data contract checked by great-expectations."""
+
+    classes: list[str] | None = None  # expected label set; None = accept what is found
+    min_classes: int = Field(2, ge=2)
+    min_images_per_class: int = Field(10, ge=1)
+    max_imbalance_ratio: float = Field(20.0, ge=1.0)
+    min_width: int = Field(1, ge=1)
+    max_width: int = Field(10_000, ge=1)
+    min_height: int = Field(1, ge=1)
+    max_height: int = Field(10_000, ge=1)
+    allowed_modes: list[str] = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    near_duplicate_threshold: int = Field(4, ge=-1, le=64)  # pHash Hamming distance; -1 = off
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ValidateConfig:
+        if self.min_width > self.max_width:
+            raise ValueError(f"validate.min_width {self.min_width} > max_width {self.max_width}")
+        if self.min_height > self.max_height:
+            raise ValueError(
+                f"validate.min_height {self.min_height} > max_height {self.max_height}"
+            )
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("validate.classes lists a class twice")
+        return self
+
+
+# --------------------------------------------------------------------------- split
+
+
+class SplitConfig(Strict):
+    """`split` section: group-stratified train / val / test fractions."""
+
+    train: float = Field(0.7, ge=0.0, le=1.0)
+    val: float = Field(0.15, ge=0.0, le=1.0)
+    test: float = Field(0.15, ge=0.0, le=1.0)
+    stable: bool = True  # existing groups keep their split when data grows
+    respect_source_split: bool = True  # rows delivered as source_split=test stay in test
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:g}")
+        return self
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Strict):
+    """`model` section: which registered architecture to build."""
+
+    name: str = "simple_cnn"  # a custom model (`imgcls models`) or any timm model name
+    pretrained: bool = False
+    pretrained_path: str | None = None  # local .safetensors / .pth weights
+    kwargs: dict[str, Any] = {}  # passed to the model constructor (widths, dropout, ...)
+
+
+# --------------------------------------------------------------------------- augment
+
+
+class TransformSpec(BaseModel):
+    """One albumentations transform: `name` plus its keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")  # the arguments are the transform's own
+
+    name: str
+
+
+class AugmentConfig(Strict):
+    """`augment` section: albumentations pipelines as data."""
+
+    train: list[TransformSpec] = []
+    eval: list[TransformSpec] = []
+
+
+# --------------------------------------------------------------------------- train
+
+
+class TrainConfig(Strict):
+    """`train` section: optimisation, data loading and device."""
+
+    image_size: int = Field(32, ge=4)
+    channels: Literal["auto", 1, 3] = "auto"  # auto: 1 if every image is grayscale, else 3
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only (Nesterov)
+    scheduler: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    step_size: int = Field(10, ge=1)  # `step` scheduler: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # `step` scheduler: decay factor
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    monitor: str = "val_f1_macro"  # metric for best-epoch selection and early stopping
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    deterministic: bool = False
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class EvaluateConfig(Strict):
+    """`evaluate` section: what the report contains."""
+
+    splits: list[Literal["train", "val", "test"]] = ["test", "val"]
+    top_k: int = Field(3, ge=1)
+    gallery_size: int = Field(16, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingConfig(Strict):
+    """`tracking` section: MLflow (URI and experiment; `MLFLOW_*` env vars win)."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: SQLite file `mlflow.db` at the repository root
+    experiment: str = "imgcls"
+    log_model: bool = True
+    register_model: str | None = None
+
+
+# --------------------------------------------------------------------------- whole file
+
+
+class Params(Strict):
+    """The whole `params.yaml`."""
+
+    base: BaseSection = BaseSection()
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fully resolved params as plain data, with the YAML section names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    """Turn pydantic's error list into lines that name the section and key."""
+    lines = [f"{path}: invalid parameters"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (typo? see the defaults in src/imgcls/config.py)")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  - {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, path: Path | str = "params.yaml") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, Path(path))) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the repository root, next to dvc.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, path)

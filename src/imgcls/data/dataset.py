@@ -1,0 +1,135 @@
+"""Decoded-image cache and the torch Dataset over a split.
+
+Every image is decoded, converted and resized once into a uint8 array of shape (N, S, S, C)
+stored as `.npy` under the cache folder and memory-mapped afterwards, so epochs never
+re-decode files. The cache key covers the rows (path + sha256), the size and the channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from imgcls.io import atomic_path
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def infer_channels(modes: pd.Series) -> int:
+    """1 if every image is grayscale, else 3."""
+    return 1 if set(modes.astype(str)) <= GRAYSCALE_MODES else 3
+
+
+def _to_uint8(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to L or RGB, scaling high-bit-depth data and flattening alpha."""
+    if img.mode in {"I", "I;16", "I;16B", "I;16L", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max()
+        arr = arr * (255.0 / hi) if hi > 0 else arr
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)  # transparent pixels become white
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one file to a (size, size, channels) uint8 array."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img = _to_uint8(img, channels)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr.reshape(size, size, channels)
+
+
+def _load_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
+    """Worker: decode a chunk of files into one (n, S, S, C) array."""
+    paths, size, channels = args
+    return np.stack([load_image(Path(p), size, channels) for p in paths])
+
+
+def cache_key(df: pd.DataFrame, size: int, channels: int) -> str:
+    """Hash of the rows' paths and content digests, the size and the channels."""
+    h = hashlib.sha256(f"v1|{size}|{channels}|".encode())
+    for path, digest in zip(df["path"], df["sha256"], strict=True):
+        h.update(f"{path}\0{digest}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def decode_images(
+    df: pd.DataFrame,
+    root: Path,
+    size: int,
+    channels: int,
+    cache_dir: Path,
+    *,
+    workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Return the (N, S, S, C) uint8 images of `df`'s rows, from the cache when possible."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"images-{cache_key(df, size, channels)}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r")
+    paths = [str(root / p) for p in df["path"]]
+    chunk = 512
+    jobs = [(paths[i : i + chunk], size, channels) for i in range(0, len(paths), chunk)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    bar = tqdm(
+        total=len(paths), desc="decode", unit="img", disable=None if progress else True, leave=False
+    )
+    parts: list[np.ndarray] = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            parts.append(_load_chunk(job))
+            bar.update(len(job[0]))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_load_chunk, jobs):
+                parts.append(part)
+                bar.update(len(part))
+    bar.close()
+    images = np.concatenate(parts) if parts else np.zeros((0, size, size, channels), np.uint8)
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, images)
+    return np.load(target, mmap_mode="r")
+
+
+def channel_stats(images: np.ndarray, max_images: int = 20_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images scaled to [0, 1] (a sample keeps it fast)."""
+    step = max(1, len(images) // max_images)
+    sample = np.asarray(images[::step], dtype=np.float32) / 255.0  # (n, S, S, C)
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+class ImageArrayDataset(Dataset):
+    """Items are (uint8 tensor (C, S, S), int label); augmentation runs on HWC uint8 arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.transform = transform if transform is not None and len(transform) else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = np.asarray(self.images[i])  # (S, S, C) uint8
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (C, S, S)
+        return x, self.labels[i]

@@ -1,0 +1,276 @@
+"""Build and read the manifest: one row per image file with its label, group, digest and properties.
+
+Images are opened once each, in parallel worker processes (:func:`inspect_image`). Results are
+cached per file under `<raw_dir>/.ingest-cache/`, keyed by path, size and modification time, so a
+re-ingest of unchanged data only stats the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from imgcls.config import DataConfig, GroupConfig
+from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
+from imgcls.data.sources import FoundFile, materialise, resolve_sources
+from imgcls.errors import ImgclsError
+from imgcls.io import read_csv, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS: list[str] = [
+    "path",
+    "label",
+    "group",
+    "source_split",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "phash",
+    "error",
+]
+INFO_COLUMNS = ["sha256", "width", "height", "mode", "format", "phash", "error"]
+CACHE_DIR = ".ingest-cache"
+CACHE_VERSION = 1  # bump when inspect_image's output changes meaning
+PARALLEL_MIN_FILES = 64  # below this, starting worker processes costs more than it saves
+
+
+class ManifestError(ImgclsError):
+    """A manifest file that is missing or does not have the expected columns."""
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def group_of(rel_path: str, found: FoundFile, rule: GroupConfig) -> str:
+    """The group id of one file under `rule` (never empty: falls back to the file's own path)."""
+    if rule.by == "regex":
+        match = _compiled(str(rule.pattern)).search(rel_path.rsplit("/", 1)[-1])
+        if match:
+            value = "".join(g for g in match.groups() if g)
+            if value:
+                return value
+        return rel_path
+    if rule.by == "parent_dir":
+        parts = rel_path.split("/")[:-1]  # folders only
+        return parts[-rule.level] if len(parts) >= rule.level else rel_path
+    if rule.by == "csv":
+        return found.group or rel_path
+    # `none`, and `near_duplicate`: each file is its own group here; validate merges exact and
+    # near-duplicates (pHash) into one group after it has all the hashes.
+    return rel_path
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    """Compile a group pattern once per process."""
+    if pattern not in _PATTERNS:
+        _PATTERNS[pattern] = re.compile(pattern)
+    return _PATTERNS[pattern]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_meta(cfg: DataConfig) -> dict[str, Any]:
+    """Settings that change what inspect_image returns; a different value invalidates the cache."""
+    return {
+        "version": CACHE_VERSION,
+        "max_image_pixels": cfg.max_image_pixels,
+        "formats": list(IMAGE_FORMATS),
+    }
+
+
+def load_cache(cache_dir: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Earlier per-file results keyed by relative path; empty if missing or made differently."""
+    files, meta_path = cache_dir / "files.csv", cache_dir / "meta.json"
+    try:
+        if json.loads(meta_path.read_text(encoding="utf-8")) != meta:
+            return {}
+        df = read_csv(files)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}
+    df["width"] = df["width"].astype(object).where(df["width"].notna(), None)
+    df["height"] = df["height"].astype(object).where(df["height"].notna(), None)
+    return {r["path"]: r for r in df.to_dict("records")}
+
+
+def save_cache(cache_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Store per-file results (with the stat key) for the next run."""
+    cols = ["path", "size", "mtime_ns", *INFO_COLUMNS]
+    df = pd.DataFrame(rows, columns=cols)
+    for col in ("width", "height"):
+        df[col] = df[col].astype("Int64")
+    write_csv(cache_dir / "files.csv", df)
+    write_json(cache_dir / "meta.json", meta)
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def _workers(requested: int) -> int:
+    """Worker count: `data.workers`, or the CPUs this process may use when 0."""
+    if requested:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def inspect_all(
+    paths: list[Path], max_pixels: int, workers: int, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run :func:`inspect_image` over `paths`, in worker processes when it is worth it."""
+    fn: Callable[[Path], dict[str, Any]] = partial(inspect_image, max_pixels=max_pixels)
+    bar = partial(
+        tqdm,
+        total=len(paths),
+        desc="inspecting images",
+        unit="img",
+        disable=not progress or not paths,
+        file=sys.stderr,
+    )
+    if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
+        return list(bar(map(fn, paths)))
+    # `spawn`, not `fork`: the caller may hold threads (tqdm, torch) that a fork would copy
+    # mid-lock. Worker start-up is a fraction of a second because imageinfo imports little.
+    chunk = max(1, min(256, len(paths) // (workers * 8)))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(bar(pool.map(fn, paths, chunksize=chunk)))
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _relative(path: Path, root: Path) -> str:
+    """POSIX path of `path` relative to the repository root; refuse one outside it."""
+    rel = os.path.relpath(path, root)
+    if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+        raise ImgclsError(f"{path}: image is outside the repository root {root}; this is a bug")
+    return Path(rel).as_posix()
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None if it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _unique(found: Iterable[FoundFile], root: Path) -> list[tuple[str, FoundFile]]:
+    """(relative path, file) pairs, dropping a path delivered twice (first source wins)."""
+    seen: set[str] = set()
+    out = []
+    for f in found:
+        rel = _relative(f.path, root)
+        if rel in seen:
+            log.warning("%s is delivered by two sources; keeping the first", rel)
+            continue
+        seen.add(rel)
+        out.append((rel, f))
+    return out
+
+
+def build_manifest(
+    cfg: DataConfig, root: Path, raw_dir: Path, *, progress: bool = True
+) -> pd.DataFrame:
+    """Materialise every source under raw_dir (a path inside root, normally root/'data/raw') and return the manifest."""  # noqa: E501
+    root = Path(os.path.abspath(root))
+    raw_dir = Path(os.path.abspath(raw_dir))
+    found: list[FoundFile] = []
+    for spec in resolve_sources(cfg, root):
+        found += materialise(spec, cfg, root, raw_dir, progress=progress)
+    files = _unique(found, root)
+
+    cache_dir = raw_dir / CACHE_DIR
+    meta = _cache_meta(cfg)
+    cache = load_cache(cache_dir, meta)
+    keys = {rel: _stat_key(f.path) for rel, f in files}
+    info: dict[str, dict[str, Any]] = {}
+    todo: list[str] = []
+    for rel, f in files:
+        hit = cache.get(rel)
+        key = keys[rel]
+        if f.error:  # the source already knows it is unusable (e.g. listed in a CSV, absent)
+            info[rel] = {c: None if c in ("width", "height") else "" for c in INFO_COLUMNS}
+        elif key and hit and (hit["size"], hit["mtime_ns"]) == (str(key[0]), str(key[1])):
+            info[rel] = hit
+        else:
+            todo.append(rel)
+    if todo:
+        log.info(
+            "inspecting %d of %d files (%d cached)", len(todo), len(files), len(files) - len(todo)
+        )
+        paths = [root / rel for rel in todo]
+        for rel, res in zip(
+            todo,
+            inspect_all(paths, cfg.max_image_pixels, _workers(cfg.workers), progress=progress),
+            strict=True,
+        ):
+            info[rel] = res
+
+    rows, cache_rows = [], []
+    for rel, f in files:
+        res = info[rel]
+        error = f.error or res["error"]
+        rows.append(
+            {
+                "path": rel,
+                "label": f.label,
+                "group": group_of(rel, f, f.rule or cfg.group),
+                "source_split": f.source_split,
+                **{c: res[c] for c in INFO_COLUMNS},
+                "error": error,
+            }
+        )
+        key = keys[rel]
+        if key and not f.error and res["error"] != "missing file":
+            cache_rows.append(
+                {
+                    "path": rel,
+                    "size": key[0],
+                    "mtime_ns": key[1],
+                    **{c: res[c] for c in INFO_COLUMNS},
+                }
+            )
+    save_cache(cache_dir, meta, cache_rows)
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    for col in ("width", "height"):
+        df[col] = pd.array(df[col].tolist(), dtype="Int64") if len(df) else df[col].astype("Int64")
+    bad = int((df["error"] != "").sum())
+    log.info("manifest: %d files, %d with errors, %d classes", len(df), bad, df["label"].nunique())
+    return df
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest CSV written by ingest, checking that it has the manifest's columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found; run the ingest stage first (dvc repro)")
+    df = read_csv(path)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: not a manifest (missing column(s) {', '.join(missing)}); rerun ingest"
+        )
+    return df[MANIFEST_COLUMNS]

@@ -1,0 +1,642 @@
+"""Data sources: turn `data.source` into image files on disk under `data/raw/`, with labels.
+
+A source is a folder (one sub-folder per class, optionally under train/ val/ test/), a labels CSV,
+an archive, an https URL of an archive, scikit-learn's `digits`, IDX files (MNIST-style), or a
+preset (`rps`, `fashion-mnist`) that expands to those. Every source ends up as a list of
+:class:`FoundFile` (an image path plus what the source says about it); opening and hashing the
+images is the manifest's job (:mod:`imgcls.data.manifest`).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imgcls.config import DataConfig, GroupConfig, SourceSpec
+from imgcls.data.source_archive import archive_stem, extract_archive, is_archive
+from imgcls.data.source_download import download, url_filename
+from imgcls.errors import ImgclsError
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIRS: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+JUNK_DIRS = frozenset({"__MACOSX", "__pycache__"})  # archive tool droppings, never classes
+DOWNLOADS = "downloads"  # folder under data/raw/ that caches downloaded files
+MARKER = ".imgcls-source.json"  # in a generated folder: what it was generated from
+GENERATOR_VERSION = 1  # bump when digits / IDX -> PNG writing changes, to regenerate
+
+# ----------------------------------------------------------------------------- presets
+
+RPS_BASE = "https://storage.googleapis.com/download.tensorflow.org/data/"
+RPS_SOURCES: tuple[tuple[str, str, str | None], ...] = (
+    ("rps.zip", "c2403444395842ad04c53612bad54b574443eae17a0723117a2ff87b9d72194f", None),
+    (
+        "rps-test-set.zip",
+        "c27ab9fa43ce40b2e453de711365b477f4424586edf0388116674fd320f07503",
+        "test",
+    ),
+)
+# The hand id: `rock01-000.png` -> "01", `paper04-080.png` -> "04" (the same hand in every pose is
+# one group); the test set's `testrock01-00.png` -> "test01", so test hands never merge with
+# training hands of the same number.
+RPS_GROUP = GroupConfig(by="regex", pattern=r"^(test)?(?:rock|paper|scissors)(\d+)-")
+
+# Fashion-MNIST's canonical files (the https copy in the dataset's own repository; same bytes as
+# the S3 links in its README, whose published MD5s they match).
+FASHION_BASE = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+)
+FASHION_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",  # noqa: E501
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",  # noqa: E501
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+FASHION_CLASSES = [
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
+# Where Debian's `dataset-fashion-mnist` package installs the IDX files (re-gzipped, so their
+# digests differ from the canonical ones, so they are used as installed, not checked against
+# the download digests).
+FASHION_LOCAL_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+PRESETS = ("rps", "fashion-mnist")
+
+
+class SourceError(ImgclsError):
+    """A `data.source` entry that cannot be resolved or read."""
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """One image file a source delivered, with what the source says about it."""
+
+    path: Path  # absolute
+    label: str
+    source_split: str = ""  # "", "train", "val" or "test"
+    group: str = ""  # from a labels CSV; "" = derive from the group rule
+    error: str = ""  # a problem known before decoding ("missing file", "not in a class folder")
+    rule: GroupConfig | None = None  # the group rule that applies to this file
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def _looks_like_idx_dir(path: Path) -> bool:
+    """True if a folder holds MNIST-style `*-idx3-ubyte[.gz]` image files."""
+    return path.is_dir() and any(path.glob("*idx3-ubyte*"))
+
+
+def _spec_from_string(text: str) -> SourceSpec:
+    """Short form -> long form: a preset name, `digits`, a URL or a path."""
+    if text in PRESETS:
+        return SourceSpec(kind="preset", preset=text)
+    if text == "digits":
+        return SourceSpec(kind="digits")
+    if "://" in text:
+        return SourceSpec(kind="url", url=text)
+    return SourceSpec(kind="auto", path=text)
+
+
+def _infer_kind(spec: SourceSpec, root: Path) -> str:
+    """Pick the kind of an `auto` source from its path (archive, CSV, IDX folder or folder)."""
+    if spec.preset:
+        return "preset"
+    if spec.url:
+        return "url"
+    path = root / str(spec.path)
+    name = path.name.lower()
+    if is_archive(name):
+        return "archive"
+    if name.endswith(".csv"):
+        return "csv"
+    if not path.exists():
+        raise SourceError(
+            f"data.source: {spec.path!r} does not exist (looked for {path}). Paths are relative "
+            "to the repository root; give a folder of class sub-folders, an archive, a labels "
+            f"CSV, a URL, `digits` or a preset ({', '.join(PRESETS)})."
+        )
+    return "idx" if _looks_like_idx_dir(path) else "folder"
+
+
+def _default_name(spec: SourceSpec) -> str:
+    """Folder name under data/raw/ for a source without an explicit `name`."""
+    if spec.kind == "digits":
+        return "digits"
+    if spec.kind == "url":
+        return archive_stem(url_filename(str(spec.url)))
+    path = Path(str(spec.path))
+    if spec.kind == "csv":
+        return path.stem
+    return archive_stem(path.name) if spec.kind == "archive" else path.name
+
+
+def expand_preset(spec: SourceSpec, group: GroupConfig) -> list[SourceSpec]:
+    """Expand a preset into the sources it stands for."""
+    if spec.preset == "rps":
+        rule = RPS_GROUP if group.by == "none" else None  # an explicit data.group wins
+        return [
+            SourceSpec(
+                kind="url",
+                url=RPS_BASE + fname,
+                sha256=digest,
+                name=archive_stem(fname),
+                split=split or spec.split,
+                group=spec.group or rule,
+            )
+            for fname, digest, split in RPS_SOURCES
+        ]
+    if spec.preset == "fashion-mnist":
+        name = spec.name or "fashion-mnist"
+        for local in FASHION_LOCAL_DIRS:
+            if all((local / f).is_file() for f in FASHION_FILES):
+                return [
+                    SourceSpec(
+                        kind="idx",
+                        path=str(local),
+                        name=name,
+                        classes=FASHION_CLASSES,
+                        group=spec.group,
+                    )
+                ]
+        return [
+            SourceSpec(
+                kind="idx",
+                path=None,
+                name=name,
+                classes=FASHION_CLASSES,
+                group=spec.group,
+                url=FASHION_BASE,
+            )
+        ]
+    raise SourceError(
+        f"data.source: unknown preset {spec.preset!r}; known presets: {', '.join(PRESETS)}"
+    )
+
+
+def resolve_sources(cfg: DataConfig, root: Path) -> list[SourceSpec]:
+    """Normalise `data.source` into long-form specs with a concrete kind and name each."""
+    items = cfg.source if isinstance(cfg.source, list) else [cfg.source]
+    if not items:
+        raise SourceError("data.source is an empty list; name at least one source")
+    out: list[SourceSpec] = []
+    for item in items:
+        spec = _spec_from_string(item) if isinstance(item, str) else item
+        if spec.kind == "auto":
+            spec = spec.model_copy(update={"kind": _infer_kind(spec, root)})
+        if spec.kind == "preset":
+            out.extend(expand_preset(spec, cfg.group))
+            continue
+        if spec.name is None:
+            spec = spec.model_copy(update={"name": _default_name(spec)})
+        out.append(spec)
+    names = Counter(s.name for s in out)
+    if clash := [n for n, c in names.items() if c > 1]:
+        raise SourceError(
+            f"data.source: two sources would both live in data/raw/{clash[0]}/; give one of "
+            "them a different `name:`"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _visible(name: str) -> bool:
+    """False for hidden files / folders and archive-tool junk (`.DS_Store`, `__MACOSX`)."""
+    return not name.startswith(".") and name not in JUNK_DIRS
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """Visible sub-folders, sorted by name."""
+    with os.scandir(path) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir() and _visible(e.name))
+
+
+def _has_files(path: Path) -> bool:
+    """True if a folder directly contains visible files."""
+    with os.scandir(path) as it:
+        return any(e.is_file() and _visible(e.name) for e in it)
+
+
+def data_root(base: Path) -> Path:
+    """Skip wrapper folders: an archive often holds `name/<classes...>` rather than the classes."""
+    while True:
+        subs = _subdirs(base)
+        if len(subs) != 1 or _has_files(base) or subs[0].name.lower() in SPLIT_DIRS:
+            return base
+        if not _subdirs(subs[0]):  # a single class folder is a class, not a wrapper
+            return base
+        base = subs[0]
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    """Every visible file under `folder`, depth-first in sorted order (deterministic manifests)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for name in sorted(filenames):
+            if _visible(name):
+                yield Path(dirpath) / name
+
+
+@dataclass
+class ScanResult:
+    """Files found in a folder plus what was skipped, for the log."""
+
+    files: list[FoundFile]
+    skipped: Counter[str]
+    empty_classes: list[str]
+
+
+def _scan_classes(folder: Path, split: str, exts: frozenset[str], out: ScanResult) -> None:
+    """Collect images from `folder/<class>/**` (nested folders belong to their top class)."""
+    with os.scandir(folder) as it:
+        loose = sorted(Path(e.path) for e in it if e.is_file() and _visible(e.name))
+    for path in loose:
+        if path.suffix.lower() in exts:
+            out.files.append(FoundFile(path, "", split, error="not in a class folder"))
+        else:
+            out.skipped[path.suffix.lower() or "(no extension)"] += 1
+    for class_dir in _subdirs(folder):
+        before = len(out.files)
+        for path in _walk_files(class_dir):
+            if path.suffix.lower() in exts:
+                out.files.append(FoundFile(path, class_dir.name, split))
+            else:
+                out.skipped[path.suffix.lower() or "(no extension)"] += 1
+        if len(out.files) == before:
+            out.empty_classes.append(str(class_dir))
+
+
+def scan_folder(base: Path, extensions: Iterable[str], split: str | None = None) -> ScanResult:
+    """Find labelled images in a class-per-folder tree, with an optional train/val/test level."""
+    exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    out = ScanResult([], Counter(), [])
+    top = data_root(base)
+    subs = _subdirs(top)
+    if subs and all(s.name.lower() in SPLIT_DIRS for s in subs) and not _has_files(top):
+        for sub in subs:
+            _scan_classes(sub, split or SPLIT_DIRS[sub.name.lower()], exts, out)
+    else:
+        _scan_classes(top, split or "", exts, out)
+    return out
+
+
+def _log_scan(where: Path, scan: ScanResult) -> None:
+    """Tell the user what a folder scan skipped, so nothing disappears silently."""
+    if scan.skipped:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(scan.skipped.items()))
+        log.warning("%s: skipped files that are not images by extension: %s", where, kinds)
+    for folder in scan.empty_classes:
+        log.warning("%s: class folder has no images; it will not appear as a class", folder)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True if `path` is `root` or below it (lexically; no symlinks resolved)."""
+    return os.path.commonpath([path, root]) == str(root)
+
+
+def mirror_folder(src: Path, dst: Path) -> None:
+    """Make `dst` an up-to-date copy of `src` (hard links where possible; unchanged files kept)."""
+    wanted: set[Path] = set()
+    for path in _walk_files(src):
+        rel = path.relative_to(src)
+        wanted.add(rel)
+        out = dst / rel
+        st = path.stat()
+        if out.exists():
+            ost = out.stat()
+            if ost.st_size == st.st_size and ost.st_mtime_ns == st.st_mtime_ns:
+                continue
+            out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, out)
+        except OSError:  # another filesystem, or links not allowed: copy (keeps mtime)
+            shutil.copy2(path, out)
+    for path in list(_walk_files(dst)):
+        if path.relative_to(dst) not in wanted:
+            path.unlink()
+
+
+def _local_folder(spec: SourceSpec, path: Path, root: Path, raw_dir: Path) -> Path:
+    """A folder inside the repository is used in place; one outside is mirrored into data/raw."""
+    if not path.is_dir():
+        raise SourceError(f"data.source {spec.path!r}: {path} is not a folder")
+    if _inside(path, root):
+        return path
+    target = raw_dir / str(spec.name)
+    log.info("mirroring %s -> %s (it is outside the repository)", path, target)
+    mirror_folder(path, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- labels CSV
+
+
+def read_labels_csv(csv_path: Path, images_root: Path, group_column: str) -> list[FoundFile]:
+    """Read `path,label[,group][,split]` rows; paths are relative to `images_root`."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SourceError(f"{csv_path}: cannot read the labels CSV ({err})") from None
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        raise SourceError(
+            f"{csv_path}: the labels CSV lacks column(s) {', '.join(missing)} (found: "
+            f"{', '.join(columns) or 'none'}); it needs a header `path,label` and optionally "
+            f"`{group_column}` and `split`"
+        )
+    files: list[FoundFile] = []
+    for line, row in enumerate(rows, start=2):
+        rel = row["path"].replace("\\", "/")
+        if not rel:
+            log.warning("%s line %d: empty path, row ignored", csv_path, line)
+            continue
+        path = Path(os.path.normpath(images_root / rel))
+        split = SPLIT_DIRS.get(row.get("split", "").lower(), "")
+        error = "" if path.is_file() else "missing file"
+        if not row["label"]:
+            error = error or "no label"
+        files.append(FoundFile(path, row["label"], split, row.get(group_column, ""), error))
+    return files
+
+
+def _csv_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path) -> list[FoundFile]:
+    """Files listed in a labels CSV (their folder mirrored into data/raw when outside the repo)."""
+    csv_path = root / str(spec.path)
+    if not csv_path.is_file():
+        raise SourceError(f"data.source {spec.path!r}: labels CSV {csv_path} does not exist")
+    images_root = root / spec.root if spec.root else csv_path.parent
+    if not _inside(images_root, root):
+        target = raw_dir / str(spec.name)
+        mirror_folder(images_root, target)
+        images_root = target
+    return read_labels_csv(csv_path, images_root, cfg.group.column)
+
+
+# ----------------------------------------------------------------------------- generated PNGs
+
+
+def _generated_is_current(target: Path, fingerprint: dict[str, Any]) -> bool:
+    """True if `target` was generated from exactly this input and still has all its files."""
+    try:
+        marker = json.loads((target / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("fingerprint") != fingerprint:
+        return False
+    count = sum(1 for _ in _walk_files(target))
+    return count == marker.get("files")
+
+
+def write_pngs(
+    images: np.ndarray,
+    labels: list[str],
+    target: Path,
+    fingerprint: dict[str, Any],
+    splits: list[str] | None = None,
+) -> None:
+    """Write uint8 images (N, H, W) as PNGs `<target>/[<split>/]<label>/<index>.png`, atomically."""
+    if _generated_is_current(target, fingerprint):
+        return
+    tmp = target.parent / f".{target.name}.writing"
+    shutil.rmtree(tmp, ignore_errors=True)
+    width = max(4, len(str(len(images) - 1)))
+    try:
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp / splits[i] / label if splits else tmp / label
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="L").save(folder / f"{i:0{width}d}.png", optimize=False)
+        marker = {"fingerprint": fingerprint, "files": len(images)}
+        (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def digits_images() -> tuple[np.ndarray, list[str]]:
+    """scikit-learn's bundled 8x8 digits as uint8 images (0..16 scaled to 0..255) and labels."""
+    from sklearn.datasets import load_digits  # slow import, only needed here
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+    return images, [str(int(t)) for t in bunch.target]
+
+
+def _digits_source(spec: SourceSpec, raw_dir: Path) -> Path:
+    """Write the digits as PNG files (once) and return their folder."""
+    import sklearn
+
+    target = raw_dir / str(spec.name)
+    fingerprint = {
+        "generator": "digits",
+        "version": GENERATOR_VERSION,
+        "n": 1797,
+        "sklearn": sklearn.__version__.split(".")[0],
+    }
+    if not _generated_is_current(target, fingerprint):
+        images, labels = digits_images()
+        write_pngs(images, labels, target, fingerprint)
+    return target
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed), the MNIST container format."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as err:
+        raise SourceError(f"{path}: cannot read IDX file ({err}); is it complete?") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise SourceError(f"{path}: not an IDX file (bad magic number)")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise SourceError(
+            f"{path}: IDX header says {dims} but the file holds {len(data) - offset} data bytes "
+            f"instead of {expected}; the file is truncated or damaged"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims)
+
+
+def find_idx_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
+    """Pair `<prefix>-images-idx3-ubyte[.gz]` with `<prefix>-labels-idx1-ubyte[.gz]`."""
+    pairs = []
+    for images in sorted(folder.glob("*-images-idx3-ubyte*")):
+        prefix = images.name.split("-images-idx3-ubyte")[0]
+        suffix = images.name.split("-images-idx3-ubyte")[1]
+        labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+        if not labels.is_file():
+            raise SourceError(f"{images}: no matching labels file {labels.name} next to it")
+        split = "test" if prefix in ("t10k", "test") else SPLIT_DIRS.get(prefix, "train")
+        pairs.append((split, images, labels))
+    if not pairs:
+        raise SourceError(
+            f"{folder}: no `*-images-idx3-ubyte[.gz]` files; an IDX source is a folder holding "
+            "e.g. train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz"
+        )
+    return pairs
+
+
+def _idx_fingerprint(pairs: list[tuple[str, Path, Path]], classes: list[str] | None) -> dict:
+    """Identify IDX inputs by name, size and mtime (cheap) plus the class names used."""
+    files = []
+    for _, images, labels in pairs:
+        for p in (images, labels):
+            st = p.stat()
+            files.append([p.name, st.st_size, st.st_mtime_ns])
+    return {"generator": "idx", "version": GENERATOR_VERSION, "files": files, "classes": classes}
+
+
+def _fetch_fashion(spec: SourceSpec, raw_dir: Path, progress: bool) -> Path:
+    """Download the canonical Fashion-MNIST IDX files (verified) into data/raw/downloads/."""
+    folder = raw_dir / DOWNLOADS / str(spec.name)
+    for fname, digest in FASHION_FILES.items():
+        download(str(spec.url) + fname, digest, folder / fname, progress=progress)
+    return folder
+
+
+def _idx_source(spec: SourceSpec, root: Path, raw_dir: Path, progress: bool) -> Path:
+    """Write IDX images as PNG files `<name>/<split>/<label>/<index>.png` (once)."""
+    if spec.path:
+        folder = root / spec.path
+    elif spec.url == FASHION_BASE:  # only the fashion-mnist preset has digests for its files
+        folder = _fetch_fashion(spec, raw_dir, progress)
+    else:
+        raise SourceError(f"data.source {spec.name!r}: an idx source needs `path` (a folder)")
+    pairs = find_idx_pairs(folder)
+    target = raw_dir / str(spec.name)
+    fingerprint = _idx_fingerprint(pairs, spec.classes)
+    if _generated_is_current(target, fingerprint):
+        return target
+    all_images, all_labels, all_splits = [], [], []
+    for split, images_path, labels_path in pairs:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise SourceError(
+                f"{images_path}: expected N x H x W uint8 images matching {len(labels)} labels, "
+                f"got shape {images.shape} {images.dtype}"
+            )
+        names = [_class_name(int(v), spec.classes, labels_path) for v in labels]
+        all_images.append(images)
+        all_labels += names
+        all_splits += [split] * len(images)
+    log.info("writing %d IDX images as PNG files under %s", len(all_labels), target)
+    write_pngs(np.concatenate(all_images), all_labels, target, fingerprint, all_splits)
+    return target
+
+
+def _class_name(index: int, classes: list[str] | None, where: Path) -> str:
+    """Label index -> class name (the index itself when no names are configured)."""
+    if classes is None:
+        return str(index)
+    if not 0 <= index < len(classes):
+        raise SourceError(f"{where}: label {index} has no entry in the source's `classes` list")
+    return classes[index]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _archive_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path) -> Path:
+    """Extract a local archive into data/raw/<name>/."""
+    archive = root / str(spec.path)
+    if not archive.is_file():
+        raise SourceError(f"data.source {spec.path!r}: archive {archive} does not exist")
+    target = raw_dir / str(spec.name)
+    extract_archive(archive, target, cfg.max_archive_bytes)
+    return target
+
+
+def _url_source(spec: SourceSpec, cfg: DataConfig, raw_dir: Path, progress: bool) -> Path:
+    """Download (or resume, or reuse) a verified archive, then extract it into data/raw/<name>/."""
+    url = str(spec.url)
+    fname = url_filename(url)
+    if not is_archive(fname):
+        raise SourceError(
+            f"data.source {url}: only archives (.zip, .tar, .tar.gz, .tgz) can be downloaded as a "
+            "source; pack single files into an archive"
+        )
+    archive = download(url, spec.sha256, raw_dir / DOWNLOADS / fname, progress=progress)
+    target = raw_dir / str(spec.name)
+    extract_archive(archive, target, cfg.max_archive_bytes)
+    return target
+
+
+def materialise(
+    spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path, *, progress: bool = True
+) -> list[FoundFile]:
+    """Put one source's images on disk (download / extract / write as needed) and list them."""
+    rule = spec.group or cfg.group
+    if spec.kind == "csv":
+        files = _csv_source(spec, cfg, root, raw_dir)
+    else:
+        if spec.kind == "folder":
+            folder = _local_folder(spec, root / str(spec.path), root, raw_dir)
+        elif spec.kind == "archive":
+            folder = _archive_source(spec, cfg, root, raw_dir)
+        elif spec.kind == "url":
+            folder = _url_source(spec, cfg, raw_dir, progress)
+        elif spec.kind == "digits":
+            folder = _digits_source(spec, raw_dir)
+        elif spec.kind == "idx":
+            folder = _idx_source(spec, root, raw_dir, progress)
+        else:  # pragma: no cover - resolve_sources leaves no other kind
+            raise SourceError(f"data.source: cannot materialise a source of kind {spec.kind!r}")
+        scan = scan_folder(folder, cfg.extensions, spec.split)
+        _log_scan(folder, scan)
+        files = scan.files
+        if not files:
+            log.warning("%s: source %r delivered no image files", folder, spec.name)
+    if rule.by == "csv" and spec.kind != "csv":
+        raise SourceError(
+            f"data.group.by is 'csv' but source {spec.name!r} is a {spec.kind}, which has no "
+            "group column; use a labels CSV source or another data.group.by"
+        )
+    if spec.split:
+        files = [FoundFile(f.path, f.label, spec.split, f.group, f.error) for f in files]
+    return [FoundFile(f.path, f.label, f.source_split, f.group, f.error, rule) for f in files]

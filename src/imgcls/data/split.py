@@ -1,0 +1,769 @@
+"""Group-stratified train / val / test split: leak-proof by construction and stable as data grows.
+
+Algorithm (details and rationale in docs/split.md):
+
+1. Groups that share a file (same sha256) are merged, so an exact duplicate can never straddle
+   two splits even if validate missed it.
+2. Fixed groups: with ``previous`` (stable mode) every group that already had a split keeps it;
+   with ``respect_source_split`` a group holding a ``source_split=test`` row goes to test.
+3. Free groups are placed largest first by a greedy that minimises the squared per-class share
+   deviation from the targets, except that a class about to run out of groups first covers the
+   splits it is still missing from; one-image groups then fill each class's remaining deficit
+   exactly (water-filling), which brings large datasets to ~0 pp deviation.
+4. A split with a positive fraction that is still empty takes the smallest group from the split
+   that can spare one; if none can, :class:`SplitError`.
+5. Local search (best move, else best pair swap) lowers the squared deviation further without
+   ever removing a class from a split; this is what helps few, large, mixed-label groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from imgcls.config import SplitConfig
+from imgcls.errors import ImgclsError
+
+log = logging.getLogger("imgcls.split")
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+# When the old rows of one (since merged) group sat in different splits, the earliest split in
+# this order wins: an image the previous model trained on must never move into val or test.
+_RANK = {name: i for i, name in enumerate(SPLITS)}
+WARNINGS_ATTR = "split_warnings"  # DataFrame.attrs key: warnings raised while assigning
+DEVIATION_WARN_PP = 2.0  # the issue's quality target: per-class share within 2 pp of target
+NEAR_DUPLICATE_THRESHOLD = 4  # default pHash Hamming distance for the leakage check
+_REQUIRED = ("label", "group")
+_MAX_EXAMPLES = 5
+# Local search runs over at most this many free groups (beyond, greedy + water-filling is
+# already within a fraction of a point); pair swaps cost O(groups^2) per step.
+LOCAL_SEARCH_MAX_GROUPS = 5000
+SWAP_MAX_GROUPS = 600
+
+
+class SplitError(ImgclsError):
+    """Rows that cannot be split as asked: bad input, too few groups or contradictory params."""
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_frame(df: pd.DataFrame, what: str, required: tuple[str, ...]) -> None:
+    """Raise SplitError if `df` lacks a required column or has blank labels / groups."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise SplitError(
+            f"{what}: missing column(s) {', '.join(missing)} "
+            f"(has: {', '.join(map(str, df.columns))}); it must be written by the validate stage "
+            "(data/interim/valid.csv)"
+        )
+    for col in ("label", "group"):
+        if col not in required:
+            continue
+        blank = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if blank.any():
+            where = df.loc[blank, "path"].head(3).tolist() if "path" in df.columns else []
+            raise SplitError(
+                f"{what}: {int(blank.sum())} row(s) with an empty '{col}' (e.g. {where}); "
+                "every row needs a label and a group (ingest sets group = path when data.group.by "
+                "is 'none')"
+            )
+
+
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+    """Column as stripped strings, or empty strings when absent."""
+    if name not in df.columns:
+        return pd.Series("", index=df.index, dtype=object)
+    return df[name].fillna("").astype(str).str.strip()
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _components(labels_groups: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-row component id after merging groups that share a sha256, plus names and #merges."""
+    groups = _column(labels_groups, "group").to_numpy()
+    sha = _column(labels_groups, "sha256").to_numpy()
+    g_names, g_codes = np.unique(groups, return_inverse=True)
+    has_sha = sha != ""
+    s_names, s_codes = np.unique(sha[has_sha], return_inverse=True)
+    n_g, n_s = len(g_names), len(s_names)
+    # Bipartite graph group <-> file digest; its connected components are the merged groups.
+    rows = g_codes[has_sha]
+    cols = n_g + s_codes
+    graph = coo_matrix(
+        (np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_g + n_s, n_g + n_s)
+    )
+    n_comp, comp_of_node = connected_components(graph, directed=False)
+    comp_of_group = comp_of_node[:n_g]
+    used = np.unique(comp_of_group)
+    merged = n_g - len(used)
+    # Name each component after its lexicographically smallest group (validate's convention);
+    # g_names is sorted, so the first group met per component is the smallest.
+    first = pd.Series(np.arange(n_g)).groupby(comp_of_group).min()
+    remap = np.full(n_comp, -1, dtype=np.int64)
+    order = np.argsort(g_names[first.to_numpy()], kind="stable")
+    remap[first.index.to_numpy()[order]] = np.arange(len(order))
+    names = g_names[first.to_numpy()[order]]
+    return remap[comp_of_group[g_codes]], names, merged
+
+
+def _order_keys(seed: int, names: np.ndarray) -> np.ndarray:
+    """Seeded hash per group name: a tie-break that ignores input row order."""
+    salt = f"imgcls-split:{seed}:".encode()
+    keys = [
+        int.from_bytes(hashlib.blake2b(salt + str(n).encode(), digest_size=8).digest(), "big")
+        for n in names
+    ]
+    return np.asarray(keys, dtype=np.uint64)
+
+
+# --------------------------------------------------------------------------- previous split
+
+
+def _previous_rank(valid: pd.DataFrame, previous: pd.DataFrame) -> np.ndarray:
+    """Per-row rank (0 train, 1 val, 2 test, nan new) of the split it had in `previous`."""
+    _check_frame(previous, "previous splits.csv", ("split",))
+    split = _column(previous, "split")
+    bad = ~split.isin(SPLITS)
+    if bad.any():
+        raise SplitError(
+            f"previous splits.csv: {int(bad.sum())} row(s) with split not in train/val/test "
+            f"(e.g. {split[bad].unique()[:3].tolist()}); delete data/processed/splits.csv or set "
+            "split.stable: false to split from scratch"
+        )
+    rank = split.map(_RANK).astype(float)
+    best = np.full(len(valid), np.nan)
+    # A row is "old" if its file (path or bytes) or its group was seen before.
+    for key in ("path", "sha256", "group"):
+        if key not in valid.columns or key not in previous.columns:
+            continue
+        prev_key = _column(previous, key)
+        known = rank[prev_key != ""].groupby(prev_key[prev_key != ""]).min()
+        mapped = _column(valid, key).map(known).to_numpy(dtype=float)
+        best = np.fmin(best, mapped)
+    return best
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass
+class _Placement:
+    """Mutable state of one assignment; shares are fractions of a class's rows."""
+
+    weights: csr_matrix  # (groups, classes): share of each class that a group holds
+    eligible: np.ndarray  # splits that free groups may go to
+    target: np.ndarray  # (splits, classes): target share
+    shares: np.ndarray  # (splits, classes): share placed so far
+    holders: np.ndarray  # (splits, classes): number of placed groups holding the class
+    assign: np.ndarray  # (groups,): split index, -1 = not placed yet
+
+    def put(self, g: int, s: int) -> None:
+        """Place (or move) group g into split s."""
+        lo, hi = self.weights.indptr[g], self.weights.indptr[g + 1]
+        idx, w = self.weights.indices[lo:hi], self.weights.data[lo:hi]
+        old = self.assign[g]
+        if old >= 0:
+            self.shares[old, idx] -= w
+            self.holders[old, idx] -= 1
+        self.shares[s, idx] += w
+        self.holders[s, idx] += 1
+        self.assign[g] = s
+
+
+def _water_fill(deficit: np.ndarray, total: int) -> np.ndarray:
+    """Integers x >= 0 summing to `total` that minimise sum((x - deficit)^2)."""
+    if total <= 0:
+        return np.zeros(len(deficit), dtype=np.int64)
+    d = np.sort(deficit)[::-1]
+    level = 0.0
+    for k in range(1, len(d) + 1):
+        level = (d[:k].sum() - total) / k
+        if k == len(d) or d[k] <= level:
+            break
+    x = np.maximum(deficit - level, 0.0)
+    base = np.floor(x).astype(np.int64)
+    short = total - int(base.sum())
+    if short > 0:  # largest remainder; the stable sort breaks ties toward train, val, test
+        base[np.argsort(-(x - base), kind="stable")[:short]] += 1
+    return base
+
+
+def _greedy(state: _Placement, order: np.ndarray, left: np.ndarray) -> None:
+    """Place groups in `order`, each into the eligible split that best closes its classes' gaps.
+
+    `left` counts, per class, the free groups not placed yet (singletons included): when a class
+    has no more groups left than splits it is still missing from, covering those splits comes
+    before balance, so that every class reaches every split whenever it has enough groups.
+    """
+    indptr, indices, data = state.weights.indptr, state.weights.indices, state.weights.data
+    elig = state.eligible
+    for g in order:
+        idx, w = indices[indptr[g] : indptr[g + 1]], data[indptr[g] : indptr[g + 1]]
+        # d/dx of sum((share - target)^2): the split most below target for these classes wins.
+        score = (state.shares[np.ix_(elig, idx)] - state.target[np.ix_(elig, idx)]) @ w
+        absent = state.holders[np.ix_(elig, idx)] == 0  # (eligible, classes of g)
+        urgent = absent.any(axis=0) & (left[idx] <= absent.sum(axis=0))
+        if urgent.any():
+            need = absent[:, urgent].sum(axis=1)
+            score = np.where(need == need.max(), score, np.inf)
+        state.put(g, int(elig[int(np.argmin(score))]))
+        left[idx] -= 1
+
+
+def _fill_singletons(state: _Placement, singles: np.ndarray, n_per_class: np.ndarray) -> None:
+    """Give each class's one-image groups to the eligible splits by that class's deficit."""
+    if len(singles) == 0:
+        return
+    elig = state.eligible
+    single_class = state.weights[singles].indices  # one class per one-image group
+    for c in np.unique(single_class):
+        members = singles[single_class == c]  # already in seeded-hash order
+        deficit = (state.target[elig, c] - state.shares[elig, c]) * n_per_class[c]
+        # First one image into each split the class is still missing from (largest deficit
+        # first), then the rest by deficit.
+        absent = np.flatnonzero(state.holders[elig, c] == 0)
+        cover = np.zeros(len(elig), dtype=np.int64)
+        cover[absent[np.argsort(-deficit[absent], kind="stable")][: len(members)]] = 1
+        x = cover + _water_fill(deficit - cover, len(members) - int(cover.sum()))
+        start = 0
+        for s, n in zip(elig, x, strict=True):
+            state.assign[members[start : start + n]] = s
+            state.shares[s, c] += n / n_per_class[c]
+            state.holders[s, c] += n
+            start += n
+
+
+def _objective_gain(state: _Placement, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per (group, split): change of sum((share - target)^2) if the group moved there."""
+    w = state.weights[groups]
+    dev = state.shares - state.target  # (splits, classes)
+    pull = np.asarray(w @ dev.T)  # (groups, splits): w . dev[s]
+    here = pull[np.arange(len(groups)), state.assign[groups]]
+    sq = np.asarray(w.multiply(w).sum(axis=1)).ravel()
+    return 2 * (pull - here[:, None]) + 2 * sq[:, None], pull
+
+
+def _pinned_by_coverage(state: _Placement, groups: np.ndarray) -> np.ndarray:
+    """Groups whose move would remove a class (or the last group) from their split."""
+    alone = (state.holders == 1).astype(float)  # (splits, classes)
+    hit = np.asarray((state.weights[groups] > 0).astype(float) @ alone.T)  # (groups, splits)
+    return hit[np.arange(len(groups)), state.assign[groups]] > 0
+
+
+def _improve(state: _Placement, groups: np.ndarray, max_steps: int, swap_limit: int) -> int:
+    """Local search: best single move, else best swap, while the squared deviation drops."""
+    if len(groups) < 2:
+        return 0
+    blocked = np.ones(len(SPLITS), dtype=bool)
+    blocked[state.eligible] = False
+    steps = 0
+    while steps < max_steps:
+        delta, pull = _objective_gain(state, groups)
+        delta[:, blocked] = np.inf
+        delta[np.arange(len(groups)), state.assign[groups]] = np.inf
+        delta[_pinned_by_coverage(state, groups)] = np.inf
+        best = np.unravel_index(int(np.argmin(delta)), delta.shape)
+        if delta[best] < -1e-12:
+            state.put(int(groups[best[0]]), int(best[1]))
+            steps += 1
+            continue
+        if len(groups) > swap_limit or not _best_swap(state, groups, pull):
+            break
+        steps += 1
+    return steps
+
+
+def _best_swap(state: _Placement, groups: np.ndarray, pull: np.ndarray) -> bool:
+    """Apply the swap of two groups between splits that lowers the deviation most, if any."""
+    a = state.assign[groups]
+    w = state.weights[groups]
+    here = pull[np.arange(len(groups)), a]
+    sq = np.asarray(w.multiply(w).sum(axis=1)).ravel()
+    cross = np.asarray((w @ w.T).todense())  # (groups, groups): w_g . w_h
+    x = pull[:, a] - here[:, None]  # (g, h): g's pull toward h's split
+    # Squared deviation change when g and h trade splits (derivation in docs/split.md).
+    delta = 2 * (x + x.T) + 2 * (sq[:, None] + sq[None, :] - 2 * cross)
+    delta[a[:, None] == a[None, :]] = np.inf
+    delta[np.triu_indices(len(groups))] = np.inf  # each unordered pair once
+    candidates = np.flatnonzero(delta.ravel() < -1e-12)
+    for flat in candidates[np.argsort(delta.ravel()[candidates], kind="stable")][:64]:
+        i, j = divmod(int(flat), len(groups))
+        g, h, sg, sh = int(groups[i]), int(groups[j]), int(a[i]), int(a[j])
+        before = state.holders[[sg, sh]] > 0
+        state.put(g, sh)
+        state.put(h, sg)
+        if not (before & (state.holders[[sg, sh]] == 0)).any():
+            return True
+        state.put(g, sg)  # undo: the swap would drop a class from one of the two splits
+        state.put(h, sh)
+    return False
+
+
+def _repair_empty(
+    state: _Placement, positive: np.ndarray, free: np.ndarray, size: np.ndarray, keys: np.ndarray
+) -> list[str]:
+    """Move the smallest free group into each positive-fraction split left empty."""
+    notes = []
+    for s in positive:
+        if (state.assign == s).any():
+            continue
+        per_split = np.bincount(state.assign, minlength=len(SPLITS))
+        cand = np.flatnonzero(free & (per_split[state.assign] >= 2))
+        if len(cand) == 0:
+            return notes  # the caller reports the empty split
+        g = int(cand[np.lexsort((keys[cand], size[cand]))[0]])
+        notes.append(
+            f"split '{SPLITS[s]}' would have been empty; moved the smallest group "
+            f"({int(size[g])} image(s)) there from '{SPLITS[state.assign[g]]}'"
+        )
+        state.put(g, int(s))
+    return notes
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _fractions(cfg: SplitConfig) -> np.ndarray:
+    """Target fractions in SPLITS order."""
+    return np.array([cfg.train, cfg.val, cfg.test], dtype=float)
+
+
+def _pin_previous(
+    valid: pd.DataFrame,
+    previous: pd.DataFrame,
+    comp: np.ndarray,
+    frac: np.ndarray,
+    assign: np.ndarray,
+    warnings: list[str],
+) -> None:
+    """Stable mode: every group seen in `previous` keeps its split (train > val > test)."""
+    n_groups = len(assign)
+    row_rank = _previous_rank(valid, previous)
+    grp_rank = pd.Series(row_rank).groupby(comp).min().reindex(range(n_groups)).to_numpy()
+    seen = pd.DataFrame({"g": comp, "r": row_rank}).dropna().drop_duplicates()
+    conflict = seen.groupby("g").size().reindex(range(n_groups), fill_value=0).to_numpy() > 1
+    if conflict.any():
+        warnings.append(
+            f"{int(conflict.sum())} group(s) hold rows that were in different splits in the "
+            "previous splits.csv (groups merged since); each was kept whole in the earliest of "
+            "train > val > test, so no image the previous model trained on moves to val/test"
+        )
+    pinned = ~np.isnan(grp_rank)
+    pin = np.where(pinned, np.nan_to_num(grp_rank, nan=0), -1).astype(np.int64)
+    dead = pinned & (frac[np.maximum(pin, 0)] == 0)
+    if dead.any():
+        warnings.append(
+            f"{int(dead.sum())} group(s) were in a split whose fraction is now 0; placed again"
+        )
+    assign[pinned & ~dead] = pin[pinned & ~dead]
+    log.info(
+        "stable split: %d of %d groups keep their previous split",
+        int((assign >= 0).sum()),
+        n_groups,
+    )
+
+
+def _pin_source_test(
+    valid: pd.DataFrame,
+    cfg: SplitConfig,
+    comp: np.ndarray,
+    assign: np.ndarray,
+    warnings: list[str],
+) -> bool:
+    """respect_source_split: groups holding a source_split=test row go to test; True if any."""
+    source_test = (_column(valid, "source_split") == "test").to_numpy()
+    if not (cfg.respect_source_split and source_test.any()):
+        return False
+    if cfg.test == 0:
+        raise SplitError(
+            f"params split: test is 0 but respect_source_split is true and "
+            f"{int(source_test.sum())} row(s) arrived as source_split=test; set split.test > 0 "
+            "or split.respect_source_split: false"
+        )
+    n_groups = len(assign)
+    has_src = np.bincount(comp, weights=source_test, minlength=n_groups) > 0
+    overruled = has_src & (assign >= 0) & (assign != TEST)
+    if overruled.any():
+        warnings.append(
+            f"{int(overruled.sum())} group(s) with rows that arrived as source_split=test stay "
+            "in train/val because they were there in the previous splits.csv (stable: true)"
+        )
+    to_test = has_src & (assign < 0)
+    mixed = to_test & (np.bincount(comp, weights=~source_test, minlength=n_groups) > 0)
+    if mixed.any():
+        n_rows = int((~source_test & mixed[comp]).sum())
+        warnings.append(
+            f"{int(mixed.sum())} group(s) mix source_split=test rows with other rows "
+            "(near-duplicates across the source's own splits?); each went whole to test, "
+            f"taking {n_rows} row(s) that did not arrive as test"
+        )
+    assign[to_test] = TEST
+    return True
+
+
+def _empty_split_error(empty: list[str], n_groups: int, n_kept: int, n_source: int) -> SplitError:
+    """Explain why a split with a positive fraction got no group, and what to change."""
+    n_free = n_groups - n_kept - n_source
+    why = [f"of {n_groups} group(s)"]
+    if n_kept:
+        why.append(f"{n_kept} keep the split they had in the previous splits.csv (stable: true)")
+    if n_source:
+        why.append(f"{n_source} hold rows that arrived as source_split=test and go to test")
+    fixes = ["add data"]
+    if n_kept:
+        fixes.append("set split.stable: false to re-split from scratch (moves images)")
+    if n_source:
+        fixes.append("set split.respect_source_split: false")
+    fixes.append(f"set split.{empty[0]} to 0")
+    return SplitError(
+        f"split(s) {', '.join(empty)} would be empty: {', '.join(why)}, and the {n_free} other "
+        f"group(s) cannot fill every split; {', or '.join(fixes)}"
+    )
+
+
+def assign_splits(
+    valid: pd.DataFrame, cfg: SplitConfig, seed: int, previous: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Return `valid` plus a `split` column (train/val/test); SplitError on impossible input."""
+    _check_frame(valid, "valid.csv", _REQUIRED)
+    if len(valid) == 0:
+        raise SplitError(
+            "valid.csv: no rows to split; every image was quarantined or none was found "
+            "(see reports/validation.json)"
+        )
+    warnings: list[str] = []
+    frac = _fractions(cfg)
+    positive = np.flatnonzero(frac > 0)
+
+    comp, names, merged = _components(valid)
+    if merged:
+        warnings.append(
+            f"{merged} group(s) were merged into others because they share identical files "
+            "(sha256); validate should already group exact duplicates"
+        )
+    n_groups = len(names)
+    if n_groups < len(positive):
+        raise SplitError(
+            f"valid.csv: only {n_groups} group(s) but {len(positive)} splits have a positive "
+            f"fraction ({', '.join(SPLITS[s] for s in positive)}): every group lies in exactly one "
+            "split, so add data, use finer groups (data.group.by) or set a split fraction to 0"
+        )
+    classes, cls = np.unique(_column(valid, "label").to_numpy(), return_inverse=True)
+    gc = coo_matrix((np.ones(len(valid)), (comp, cls)), shape=(n_groups, len(classes))).tocsr()
+    gc.sum_duplicates()
+    size = np.asarray(gc.sum(axis=1)).ravel().astype(np.int64)
+    keys = _order_keys(seed, names)
+
+    assign = np.full(n_groups, -1, dtype=np.int64)
+    if previous is not None and len(previous):
+        _pin_previous(valid, previous, comp, frac, assign, warnings)
+    n_kept = int((assign >= 0).sum())
+    use_source = _pin_source_test(valid, cfg, comp, assign, warnings)
+    n_source = int((assign >= 0).sum()) - n_kept
+    eligible = positive[positive != TEST] if use_source else positive
+    if len(eligible) == 0:
+        raise SplitError(
+            "params split: train and val are both 0, so rows that did not arrive as "
+            "source_split=test have nowhere to go; give train (and val) a positive fraction"
+        )
+
+    state = _new_placement(gc, assign, eligible, frac)
+    free = assign < 0
+    multi = np.flatnonzero(free & (size > 1))
+    multi = multi[np.lexsort((keys[multi], -size[multi]))]  # largest first
+    singles = np.flatnonzero(free & (size == 1))
+    singles = singles[np.argsort(keys[singles], kind="stable")]
+    left = np.asarray((gc[free] > 0).sum(axis=0)).ravel()
+    _greedy(state, multi, left)
+    _fill_singletons(state, singles, np.bincount(cls).astype(float))
+    warnings += _repair_empty(state, positive, free, size, keys)
+    empty = [SPLITS[s] for s in positive if not (state.assign == s).any()]
+    if empty:
+        raise _empty_split_error(empty, n_groups, n_kept, n_source)
+    free_groups = np.flatnonzero(free)
+    if len(free_groups) <= LOCAL_SEARCH_MAX_GROUPS:
+        _improve(state, free_groups, max_steps=4 * len(free_groups), swap_limit=SWAP_MAX_GROUPS)
+
+    out = valid.copy()
+    out["split"] = np.asarray(SPLITS, dtype=object)[state.assign[comp]]
+    warnings += _coverage_warnings(out, cfg)
+    for w in warnings:
+        log.warning("%s", w)
+    out.attrs[WARNINGS_ATTR] = warnings
+    return out
+
+
+def _new_placement(
+    gc: csr_matrix, assign: np.ndarray, eligible: np.ndarray, frac: np.ndarray
+) -> _Placement:
+    """Initial state: fixed groups placed, targets for what the free groups must fill."""
+    n_per_class = np.asarray(gc.sum(axis=0)).ravel()
+    weights = csr_matrix(gc.multiply(1.0 / n_per_class[None, :]))
+    weights.sort_indices()
+    n_cls = gc.shape[1]
+    shares = np.zeros((len(SPLITS), n_cls))
+    holders = np.zeros((len(SPLITS), n_cls), dtype=np.int64)
+    present = (gc > 0).astype(np.int64)
+    for s in range(len(SPLITS)):
+        rows = assign == s
+        shares[s] = np.asarray(weights[rows].sum(axis=0)).ravel()
+        holders[s] = np.asarray(present[rows].sum(axis=0)).ravel()
+    # Splits outside `eligible` hold only fixed groups; the eligible ones share the rest.
+    outside = np.setdiff1d(np.arange(len(SPLITS)), eligible)
+    target = np.zeros((len(SPLITS), n_cls))
+    target[outside] = shares[outside]
+    rest = 1.0 - shares[outside].sum(axis=0)
+    target[eligible] = np.outer(frac[eligible] / frac[eligible].sum(), rest)
+    return _Placement(weights, eligible, target, shares, holders, assign)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _target_shares(counts: pd.DataFrame, cfg: SplitConfig, use_source: bool) -> pd.DataFrame:
+    """Per-class target share per split; with a source test set its share is taken as given."""
+    frac = pd.Series(_fractions(cfg), index=list(SPLITS))
+    totals = counts.sum(axis=1).replace(0, np.nan)
+    target = pd.DataFrame({s: frac[s] for s in SPLITS}, index=counts.index)
+    if use_source:
+        test_share = counts["test"] / totals
+        tv = frac["train"] + frac["val"]
+        for s in ("train", "val"):
+            target[s] = (frac[s] / tv if tv else 0.0) * (1 - test_share)
+        target["test"] = test_share
+    return target.fillna(0.0)
+
+
+def _counts(splits: pd.DataFrame) -> pd.DataFrame:
+    """Rows per class (index) x split (columns, in SPLITS order)."""
+    table = pd.crosstab(_column(splits, "label"), _column(splits, "split"))
+    return table.reindex(columns=list(SPLITS), fill_value=0).astype(int)
+
+
+def _deviation(counts: pd.DataFrame, target: pd.DataFrame) -> tuple[float, str, str]:
+    """Worst |actual - target| per-class share in percentage points, with its class and split."""
+    totals = counts.sum(axis=1).replace(0, np.nan)
+    dev = (counts.div(totals, axis=0) - target).abs().fillna(0.0) * 100
+    if dev.empty:
+        return 0.0, "", ""
+    stacked = dev.stack()
+    label, split = stacked.idxmax()
+    return float(stacked.max()), str(label), str(split)
+
+
+def _uses_source(splits: pd.DataFrame, cfg: SplitConfig) -> bool:
+    """Whether the source's own test set fixed the test split."""
+    return bool(cfg.respect_source_split and (_column(splits, "source_split") == "test").any())
+
+
+def _coverage_warnings(splits: pd.DataFrame, cfg: SplitConfig) -> list[str]:
+    """Classes missing from a non-empty split (say where they went) and large deviations."""
+    counts = _counts(splits)
+    present = [s for s in SPLITS if counts[s].sum() > 0]
+    grp = _column(splits, "group")
+    lab = _column(splits, "label")
+    notes = []
+    for label, row in counts.iterrows():
+        missing = [s for s in present if row[s] == 0]
+        if not missing:
+            continue
+        groups = grp[lab == label].unique()
+        went = ", ".join(f"{s}: {int(row[s])}" for s in SPLITS if row[s] > 0)
+        if len(groups) == 1:
+            notes.append(
+                f"class '{label}' lives in one group ('{groups[0]}', {int(row.sum())} image(s)) "
+                f"so it cannot appear in every split; it went to {went} and is missing from "
+                f"{', '.join(missing)}"
+            )
+        else:
+            notes.append(
+                f"class '{label}' ({len(groups)} groups) is missing from {', '.join(missing)}; "
+                f"its images went to {went}"
+            )
+    worst, label, split = _deviation(counts, _target_shares(counts, cfg, _uses_source(splits, cfg)))
+    if worst > DEVIATION_WARN_PP:
+        notes.append(
+            f"worst per-class share deviation is {worst:.1f} pp (class '{label}' in {split}), "
+            f"above {DEVIATION_WARN_PP:g} pp: groups are large relative to that class (finer "
+            "groups or more data help; stable: true also keeps an old imbalance)"
+        )
+    return notes
+
+
+def _phash_ints(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Parse 16-hex-digit pHashes to uint64; also return the mask of parseable rows."""
+    ok = values.str.fullmatch(r"[0-9a-fA-F]{16}").to_numpy(dtype=bool)
+    ints = np.zeros(len(values), dtype=np.uint64)
+    ints[ok] = np.array([int(h, 16) for h in values[ok]], dtype=np.uint64)
+    return ints, ok
+
+
+def _band_pairs(h: np.ndarray, s: np.ndarray, threshold: int) -> np.ndarray:
+    """Index pairs (i, j) with s[i] < s[j] and Hamming(h[i], h[j]) <= threshold.
+
+    Pigeonhole: split the 64 bits into threshold + 1 bands; two hashes within `threshold` bits
+    agree exactly on at least one band, so only rows sharing a band value are compared.
+    """
+    n_bands = threshold + 1
+    bounds = np.linspace(0, 64, n_bands + 1).astype(int)
+    idx = np.arange(len(h))
+    found = []
+    for lo, hi in itertools.pairwise(bounds):
+        mask = np.uint64((1 << (hi - lo)) - 1)
+        band = ((h >> np.uint64(lo)) & mask).astype(np.int64)
+        table = pd.DataFrame({"k": band, "s": s, "i": idx})
+        for a in range(len(SPLITS)):
+            for b in range(a + 1, len(SPLITS)):
+                pairs = table[table.s == a].merge(table[table.s == b], on="k")
+                if pairs.empty:
+                    continue
+                i, j = pairs["i_x"].to_numpy(), pairs["i_y"].to_numpy()
+                close = np.bitwise_count(h[i] ^ h[j]) <= threshold
+                found.append(np.stack([i[close], j[close]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def near_duplicate_pairs(
+    splits: pd.DataFrame, threshold: int = NEAR_DUPLICATE_THRESHOLD
+) -> list[tuple[str, str, int]]:
+    """Cross-split pairs of distinct pHashes within `threshold` bits: (path_a, path_b, distance)."""
+    if "phash" not in splits.columns or threshold < 0:
+        return []
+    h_all, ok = _phash_ints(_column(splits, "phash"))
+    split_code = _column(splits, "split").map(_RANK)
+    ok = ok & split_code.notna().to_numpy()
+    paths = _column(splits, "path" if "path" in splits.columns else "group").to_numpy()[ok]
+    # One representative per (hash, split): identical hashes inside a split add nothing.
+    table = pd.DataFrame({"h": h_all[ok], "s": split_code.to_numpy()[ok].astype(int), "p": paths})
+    table = table.drop_duplicates(["h", "s"]).reset_index(drop=True)
+    h, s = table["h"].to_numpy(dtype=np.uint64), table["s"].to_numpy()
+    # Bands narrower than 8 bits would make the buckets huge: compare everything instead.
+    narrow = 64 // (threshold + 1) < 8
+    pairs = _brute_pairs(h, s, threshold) if narrow else _band_pairs(h, s, threshold)
+    p = table["p"].to_numpy()
+    dist = np.bitwise_count(h[pairs[:, 0]] ^ h[pairs[:, 1]]) if len(pairs) else []
+    return [(str(p[i]), str(p[j]), int(d)) for (i, j), d in zip(pairs.tolist(), dist, strict=True)]
+
+
+def _brute_pairs(h: np.ndarray, s: np.ndarray, threshold: int) -> np.ndarray:
+    """All cross-split pairs within `threshold`, compared block by block (O(n^2))."""
+    found = []
+    for a in range(len(SPLITS)):
+        ia = np.flatnonzero(s == a)
+        for b in range(a + 1, len(SPLITS)):
+            ib = np.flatnonzero(s == b)
+            for start in range(0, len(ia), 1024):
+                blk = ia[start : start + 1024]
+                close = np.bitwise_count(h[blk, None] ^ h[None, ib]) <= threshold  # (blk, |ib|)
+                bi, bj = np.nonzero(close)
+                found.append(np.stack([blk[bi], ib[bj]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.concatenate(found)
+
+
+def _shared(splits: pd.DataFrame, key: str) -> list[str]:
+    """Values of column `key` that occur in more than one split."""
+    if key not in splits.columns:
+        return []
+    values = _column(splits, key)
+    keep = values != ""
+    n = pd.DataFrame({"k": values[keep], "s": _column(splits, "split")[keep]})
+    per = n.drop_duplicates().groupby("k").size()
+    return sorted(per[per > 1].index.tolist())
+
+
+def split_report(
+    splits: pd.DataFrame, cfg: SplitConfig, near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD
+) -> dict[str, Any]:
+    """JSON-able summary: class x split counts, groups, target vs actual shares, leakage checks."""
+    _check_frame(splits, "splits", (*_REQUIRED, "split"))
+    counts = _counts(splits)
+    use_source = _uses_source(splits, cfg)
+    target = _target_shares(counts, cfg, use_source)
+    worst, w_label, w_split = _deviation(counts, target)
+    params_target = _target_shares(counts, cfg, use_source=False)
+    worst_params, _, _ = _deviation(counts, params_target)
+    totals = counts.sum(axis=0)
+    n = int(totals.sum())
+    groups = _column(splits, "group")
+    split_col = _column(splits, "split")
+    frac = dict(zip(SPLITS, _fractions(cfg).tolist(), strict=True))
+
+    shared_groups = _shared(splits, "group")
+    shared_sha = _shared(splits, "sha256")
+    near = near_duplicate_pairs(splits, near_duplicate_threshold)
+    near_checked = "phash" in splits.columns and near_duplicate_threshold >= 0
+
+    process = list(splits.attrs.get(WARNINGS_ATTR, []))
+    derived = _coverage_warnings(splits, cfg)
+    for w in derived:
+        if w not in process:  # assign_splits already logged its own copy
+            log.warning("%s", w)
+    if not near_checked:
+        msg = "near-duplicate check skipped (no phash column or threshold < 0)"
+        log.warning("%s", msg)
+        derived.append(msg)
+    warnings = process + [w for w in derived if w not in process]
+
+    return {
+        "rows": n,
+        "groups": int(groups.nunique()),
+        "classes": len(counts),
+        "params": {**frac, "stable": cfg.stable, "respect_source_split": cfg.respect_source_split},
+        "target_basis": "source_test_fixed" if use_source else "params",
+        "splits": {
+            s: {
+                "rows": int(totals[s]),
+                "groups": int(groups[split_col == s].nunique()),
+                "share": round(float(totals[s]) / n, 6) if n else 0.0,
+                "target_share": frac[s],
+            }
+            for s in SPLITS
+        },
+        "groups_per_split": {s: int(groups[split_col == s].nunique()) for s in SPLITS},
+        "counts": {
+            str(label): {s: int(row[s]) for s in SPLITS} for label, row in counts.iterrows()
+        },
+        "class_shares": {
+            str(label): {
+                s: {
+                    "actual": round(float(row[s]) / max(int(row.sum()), 1), 6),
+                    "target": round(float(target.loc[label, s]), 6),
+                }
+                for s in SPLITS
+            }
+            for label, row in counts.iterrows()
+        },
+        "worst_deviation_pp": round(worst, 3),
+        "worst_deviation_at": {"label": w_label, "split": w_split},
+        "worst_deviation_vs_params_pp": round(worst_params, 3),
+        "leakage": {
+            "no_shared_group": not shared_groups,
+            "no_shared_sha256": not shared_sha,
+            "no_near_duplicate": (not near) if near_checked else None,
+            "shared_groups": len(shared_groups),
+            "shared_sha256": len(shared_sha),
+            "near_duplicate_pairs": len(near),
+            "near_duplicate_threshold": near_duplicate_threshold,
+            "examples": {
+                "groups": shared_groups[:_MAX_EXAMPLES],
+                "sha256": shared_sha[:_MAX_EXAMPLES],
+                "near_duplicates": [list(p) for p in near[:_MAX_EXAMPLES]],
+            },
+        },
+        "warnings": warnings,
+    }

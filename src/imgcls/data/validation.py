@@ -1,0 +1,959 @@
+"""The data contract: a great-expectations suite over the manifest, plus image-aware grouping.
+
+This is the only module that imports great_expectations (lazily, inside functions, so that
+importing :mod:`imgcls` stays fast). The suite is built in code from the `validate` params
+section and run with an ephemeral context: no project folder, no Data Docs, no network.
+
+Expectations run on small frames derived from the manifest, each with a key column that turns
+GX's unexpected values back into example paths:
+
+- ``manifest``: every row (structure, quarantine threshold), keyed by ``path``;
+- ``images``: rows that decoded (labels, sizes, modes, hashes), keyed by ``path``;
+- ``classes``: one row per class (counts, imbalance), keyed by ``label``;
+- ``sha256``: one row per exact-duplicate set (conflicting labels), keyed by ``sha256``;
+- ``near_duplicates``: one row per near-duplicate cluster (conflicting labels), keyed by
+  ``cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from imgcls.errors import ImgclsError
+
+if TYPE_CHECKING:
+    from imgcls.config import ValidateConfig
+
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "group",
+    "source_split",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "phash",
+    "error",
+)
+_NOT_NULL_ALL = ("path", "label", "group", "sha256")  # required even for undecodable files
+_NOT_NULL_IMAGES = ("width", "height", "mode", "format", "phash")  # required once decoded
+_SOURCE_SPLITS = ("train", "val", "test")
+_SHA256_RE = r"^[0-9a-f]{64}$"
+_PHASH_RE = r"^[0-9a-f]{16}$"
+MAX_EXAMPLES = 10  # example paths per failed expectation (the issue's "up to ten")
+MAX_LISTED = 1000  # entries per report list; the counts are always complete
+_KEYS = {
+    "manifest": "path",
+    "images": "path",
+    "classes": "label",
+    "sha256": "sha256",
+    "near_duplicates": "cluster",
+}
+
+
+class ValidationError(ImgclsError):
+    """The manifest cannot be validated at all (not a table, wrong types)."""
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class ValidationResult:
+    """Outcome of :func:`validate_manifest`."""
+
+    ok: bool  # False = hard failure: the stage must exit non-zero
+    valid: pd.DataFrame  # rows that passed; `group` merged for duplicates and near-duplicates
+    report: dict[str, Any]  # JSON-able: expectations, quarantine, duplicates, clusters, counts
+    markdown: str  # human report (also a GitHub job summary)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # failed critical expectations
+
+    def summary(self) -> str:
+        """Readable failure summary: which expectation, how many rows, up to ten example paths."""
+        counts = self.report.get("summary", {})
+        if self.ok:
+            return (
+                f"validation passed: {counts.get('valid', 0)} of {counts.get('rows', 0)} rows "
+                f"valid, {counts.get('quarantined', 0)} quarantined"
+            )
+        lines = [
+            f"validation failed: {len(self.failures)} expectation(s) not met "
+            f"({counts.get('rows', 0)} manifest rows)"
+        ]
+        for item in self.failures:
+            lines.append(f"  x {item['title']}")
+            lines.append(f"    {item['expectation_type']} on {item['batch']}: {item['problem']}")
+            lines.extend(f"      {ex}" for ex in item["examples"])
+            if item["hint"]:
+                lines.append(f"    fix: {item['hint']}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def validate_manifest(manifest: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
+    """Run the data contract on a manifest; never raises for bad data, reports it instead."""
+    if not isinstance(manifest, pd.DataFrame):
+        raise ValidationError(f"validate_manifest: expected a DataFrame, got {type(manifest)!r}")
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    frames = _frames(manifest, cfg, missing)
+    checks = _build_checks(cfg, frames, missing)
+    outcomes = _run_suite(frames, checks)
+    failures = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
+    report = _report(manifest, cfg, frames, outcomes)
+    valid = frames.valid if not missing else manifest.iloc[0:0].copy()
+    result = ValidationResult(
+        ok=not failures, valid=valid, report=report, markdown="", failures=failures
+    )
+    result.markdown = render_markdown(report)
+    return result
+
+
+# --------------------------------------------------------------------------- derived frames
+
+
+@dataclass
+class _Frames:
+    """The manifest cut into the frames the suite runs on, plus grouping results."""
+
+    tables: dict[str, pd.DataFrame]  # batch name -> frame handed to GX
+    rows: dict[str, pd.DataFrame]  # batch name -> image rows (path, label, key) for examples
+    valid: pd.DataFrame  # rows that pass, groups merged
+    duplicates: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    class_counts: dict[str, int]
+    found_labels: list[str]
+
+
+def _nullify(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of the manifest where empty / blank strings are nulls, so GX sees them as missing."""
+    out = df.copy()
+    for col in out.columns:
+        if col in ("width", "height"):
+            out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
+        elif out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            s = out[col].astype("string").str.strip()
+            out[col] = s.mask(s == "")
+    return out
+
+
+def _frames(manifest: pd.DataFrame, cfg: ValidateConfig, missing: list[str]) -> _Frames:
+    """Build every frame the suite needs; with missing columns only the raw manifest."""
+    table = _nullify(manifest.reset_index(drop=True))
+    if missing:
+        empty = pd.DataFrame()
+        return _Frames({"manifest": table}, {}, empty, [], [], {}, [])
+    decoded = table["error"].isna().to_numpy()
+    images = table[decoded]
+    found = sorted(images["label"].dropna().unique().tolist())
+    counts = _class_counts(images, cfg.classes)
+    sha_table, duplicates = _exact_duplicates(images)
+    pairs = _near_duplicate_pairs(images["phash"], cfg.near_duplicate_threshold)
+    comp = _components(images, pairs)
+    cluster_table, clusters = _near_duplicate_clusters(images, pairs)
+    valid = manifest.reset_index(drop=True)[decoded].copy()
+    valid["group"] = _merged_groups(images, comp)
+    tables = {
+        "manifest": table,
+        "images": images,
+        "classes": counts,
+        "sha256": sha_table,
+        "near_duplicates": cluster_table,
+    }
+    # example rows per batch: which image rows a key value (class, digest, cluster) stands for
+    cluster_rows = _cluster_rows(images, clusters)
+    rows = {
+        "manifest": table.assign(key=table["path"]),
+        "images": images.assign(key=images["path"]),
+        "classes": images.assign(key=images["label"]),
+        "sha256": images.assign(key=images["sha256"]),
+        "near_duplicates": cluster_rows,
+    }
+    class_counts = dict(zip(counts["label"], counts["images"].astype(int), strict=True))
+    return _Frames(tables, rows, valid, duplicates, clusters, class_counts, found)
+
+
+def _class_counts(images: pd.DataFrame, classes: list[str] | None) -> pd.DataFrame:
+    """One row per class: image count and ratio to the smallest non-empty class."""
+    counts = images["label"].dropna().value_counts()
+    if classes:
+        # a configured class with no images must show up (and fail min_images_per_class)
+        counts = counts.reindex(sorted(set(classes) | set(counts.index)), fill_value=0)
+    counts = counts.sort_index()
+    smallest = counts[counts > 0].min() if (counts > 0).any() else 0
+    ratio = counts / smallest if smallest else counts * 0.0
+    return pd.DataFrame(
+        {"label": counts.index.astype(str), "images": counts.to_numpy(), "ratio": ratio.to_numpy()}
+    )
+
+
+def _exact_duplicates(images: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Frame of sha256 digests shared by several files, and the report entries for them."""
+    sub = images.dropna(subset=["sha256"])
+    dup = sub[sub["sha256"].duplicated(keep=False)]
+    entries = [
+        {"sha256": digest, **members, "conflicting_labels": len(members["labels"]) > 1}
+        for digest, members in sorted(_members(dup["sha256"], dup).items())
+    ]
+    table = pd.DataFrame(
+        {
+            "sha256": pd.Series([e["sha256"] for e in entries], dtype=object),
+            "labels": pd.Series([len(e["labels"]) for e in entries], dtype="int64"),
+        }
+    )
+    return table, entries
+
+
+def _members(keys: pd.Series, rows: pd.DataFrame) -> dict[Any, dict[str, list[str]]]:
+    """Sorted paths and distinct labels per key (a plain loop: thousands of tiny groups)."""
+    out: dict[Any, dict[str, list[str]]] = {}
+    for key, path, label in zip(keys, rows["path"], rows["label"], strict=True):
+        entry = out.setdefault(key, {"paths": [], "labels": []})
+        entry["paths"].append(str(path))
+        if label is not None and label is not pd.NA and label not in entry["labels"]:
+            entry["labels"].append(str(label))
+    for entry in out.values():
+        entry["paths"].sort()
+        entry["labels"].sort()
+    return out
+
+
+def parse_phashes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Parse 16-hex-char pHashes into uint64; returns (hashes of well-formed rows, their mask)."""
+    s = values.astype("string")
+    ok = s.str.fullmatch(_PHASH_RE).fillna(False).to_numpy(dtype=bool)
+    good = s[ok].str.cat()
+    # big-endian so the first hex char is the most significant nibble, like int(h, 16)
+    hashes = np.frombuffer(bytes.fromhex(good or ""), dtype=">u8").astype(np.uint64)
+    return hashes, ok
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """All index pairs (i < j) of uint64 hashes at Hamming distance <= threshold, shape (P, 2)."""
+    if threshold < 0 or hashes.size < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    # identical hashes are collapsed first, so a flood of blank images costs nothing extra
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    pairs = [_same_value_pairs(inverse)]
+    if threshold > 0 and uniq.size > 1:
+        upairs = _close_pairs(uniq, threshold)
+        pairs.append(_expand_pairs(upairs, inverse))
+    out = np.concatenate(pairs)
+    out = np.sort(out, axis=1)
+    return np.unique(out, axis=0) if out.size else out
+
+
+def _same_value_pairs(inverse: np.ndarray) -> np.ndarray:
+    """Pairs linking each index to the first index with the same value (a spanning star)."""
+    order = np.argsort(inverse, kind="stable")
+    first = np.empty(inverse.max() + 1 if inverse.size else 0, dtype=np.int64)
+    first[inverse[order[::-1]]] = order[::-1]  # last write wins: the smallest index
+    leader = first[inverse]
+    idx = np.arange(inverse.size)
+    keep = leader != idx
+    return np.stack([leader[keep], idx[keep]], axis=1)
+
+
+def _expand_pairs(upairs: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Map pairs of unique hashes back to one representative row each (stars do the rest)."""
+    if not upairs.size:
+        return np.empty((0, 2), dtype=np.int64)
+    first = np.full(inverse.max() + 1, -1, dtype=np.int64)
+    idx = np.arange(inverse.size)
+    first[inverse[::-1]] = idx[::-1]
+    return np.stack([first[upairs[:, 0]], first[upairs[:, 1]]], axis=1)
+
+
+def _close_pairs(uniq: np.ndarray, threshold: int) -> np.ndarray:
+    """Pairs of distinct hashes within `threshold` bits: multi-index hashing or blocked brute force.
+
+    Pigeonhole: split 64 bits into threshold + 1 bands; two hashes within `threshold` bits agree
+    exactly on at least one band, so exact-match buckets per band give every candidate pair.
+    """
+    n = uniq.size
+    bands = _bands(threshold)
+    keys = [(uniq >> np.uint64(lo)) & np.uint64((1 << width) - 1) for lo, width in bands]
+    candidates = sum(_pairs_in_buckets_count(k) for k in keys)
+    # a candidate costs several times a brute-force comparison; pick the cheaper plan
+    if candidates * 4 > n * (n - 1) // 2:
+        return _brute_force_pairs(uniq, threshold)
+    found = []
+    for k in keys:
+        a, b = _pairs_in_buckets(k)
+        dist = np.bitwise_count(uniq[a] ^ uniq[b])
+        hit = dist <= threshold
+        found.append(np.stack([a[hit], b[hit]], axis=1))
+    out = np.sort(np.concatenate(found), axis=1)
+    return np.unique(out, axis=0) if out.size else out
+
+
+def _bands(threshold: int) -> list[tuple[int, int]]:
+    """Split 64 bits into threshold + 1 contiguous bands: (lowest bit, width)."""
+    parts = min(threshold + 1, 64)
+    widths = [64 // parts + (1 if i < 64 % parts else 0) for i in range(parts)]
+    starts = np.cumsum([0, *widths[:-1]])
+    return [(int(s), w) for s, w in zip(starts, widths, strict=True)]
+
+
+def _pairs_in_buckets_count(keys: np.ndarray) -> int:
+    """How many pairs share a key."""
+    _, counts = np.unique(keys, return_counts=True)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def _pairs_in_buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of indices that share a key, without a Python loop over buckets."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    active = np.flatnonzero(sk[:-1] == sk[1:])  # sorted positions i whose key equals i + 1's
+    firsts, seconds = [], []
+    step = 1
+    while active.size:
+        firsts.append(order[active])
+        seconds.append(order[active + step])
+        step += 1
+        # sorted keys: if i matches i + step it matched every position in between too
+        active = active[active + step < sk.size]
+        active = active[sk[active] == sk[active + step]]
+    if not firsts:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _brute_force_pairs(uniq: np.ndarray, threshold: int, block: int = 256) -> np.ndarray:
+    """All pairs within `threshold` bits by XOR + popcount in blocks (upper triangle only)."""
+    found = []
+    for start in range(0, uniq.size, block):
+        rows = uniq[start : start + block]
+        rest = uniq[start:]
+        dist = np.bitwise_count(rows[:, None] ^ rest[None, :])  # (block, n - start)
+        i, j = np.nonzero(dist <= threshold)
+        keep = j > i  # upper triangle: each pair once, no self-pairs
+        found.append(np.stack([start + i[keep], start + j[keep]], axis=1))
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def _near_duplicate_pairs(phash: pd.Series, threshold: int) -> np.ndarray:
+    """Near-duplicate pairs as positions into `phash` (rows with malformed hashes skipped)."""
+    hashes, ok = parse_phashes(phash)
+    pos = np.flatnonzero(ok)
+    pairs = near_duplicate_pairs(hashes, threshold)
+    return pos[pairs] if pairs.size else np.empty((0, 2), dtype=np.int64)
+
+
+def _components(images: pd.DataFrame, near: np.ndarray) -> np.ndarray:
+    """Connected components over rows: same original group, same sha256, or near-duplicate."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(images)
+    edges = [near.reshape(-1, 2)]
+    for col in ("group", "sha256"):
+        codes = pd.factorize(images[col])[0]  # nulls get -1 and link to nothing
+        known = np.flatnonzero(codes >= 0)
+        if known.size:
+            edges.append(known[_same_value_pairs(codes[known])])
+    e = np.concatenate(edges)
+    if not e.size:
+        return np.arange(n)
+    graph = coo_matrix((np.ones(len(e), dtype=np.int8), (e[:, 0], e[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _merged_groups(images: pd.DataFrame, comp: np.ndarray) -> np.ndarray:
+    """Group per row = the lexicographically smallest original group in its component."""
+    groups = images["group"].fillna(images["path"]).astype(str).to_numpy()
+    return pd.Series(groups).groupby(comp).transform("min").to_numpy()
+
+
+def _near_duplicate_clusters(
+    images: pd.DataFrame, near: np.ndarray
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Clusters of near-duplicate files (more than one distinct file), for the report and GX."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(images)
+    empty = pd.DataFrame({"cluster": pd.Series(dtype=str), "labels": pd.Series(dtype=int)})
+    if not near.size:
+        return empty, []
+    graph = coo_matrix((np.ones(len(near), dtype=np.int8), (near[:, 0], near[:, 1])), (n, n))
+    comp = connected_components(graph, directed=False)[1]
+    sizes = np.bincount(comp)
+    multi = sizes[comp] > 1
+    members = images[multi]
+    # byte-identical files only: those are reported as exact duplicates instead
+    distinct = members.groupby(comp[multi])["sha256"].nunique(dropna=False)
+    keep = np.isin(comp[multi], distinct.index[distinct > 1].to_numpy())
+    groups = _members(pd.Series(comp[multi][keep]), members[keep])
+    clusters = sorted(groups.values(), key=lambda c: c["paths"][0])
+    for i, c in enumerate(clusters):
+        c["cluster"] = f"near-{i + 1:05d}"
+        c["conflicting_labels"] = len(c["labels"]) > 1
+    table = pd.DataFrame(
+        {
+            "cluster": [c["cluster"] for c in clusters],
+            "labels": [len(c["labels"]) for c in clusters],
+        }
+    )
+    return (table if clusters else empty), clusters
+
+
+def _cluster_rows(images: pd.DataFrame, clusters: list[dict[str, Any]]) -> pd.DataFrame:
+    """Image rows of each near-duplicate cluster, keyed by the cluster id."""
+    keys = {p: c["cluster"] for c in clusters for p in c["paths"]}
+    rows = images[images["path"].isin(keys)]
+    return rows.assign(key=rows["path"].map(keys))
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One expectation, the frame it runs on, and words for people."""
+
+    batch: str  # key of _Frames.tables
+    expectation: Any  # a great_expectations Expectation
+    title: str  # the rule in plain words
+    hint: str  # how to fix a failure
+
+
+def _build_checks(cfg: ValidateConfig, frames: _Frames, missing: list[str]) -> list[_Check]:
+    """The suite, built from params: structure first, then images, classes and duplicates."""
+    import great_expectations.expectations as gxe
+
+    checks = [
+        _Check(
+            "manifest",
+            gxe.ExpectColumnToExist(column=col),
+            f"column `{col}` is present",
+            "rebuild the manifest with `dvc repro ingest` (it writes every contract column)",
+        )
+        for col in MANIFEST_COLUMNS
+    ]
+    if missing:
+        return checks  # every other rule needs these columns; more failures would be noise
+    checks += [
+        _Check(
+            "manifest",
+            gxe.ExpectColumnValuesToNotBeNull(column=col),
+            f"`{col}` is filled in for every row",
+            "rebuild the manifest with `dvc repro ingest`",
+        )
+        for col in _NOT_NULL_ALL
+    ]
+    checks += [
+        _Check(
+            "manifest",
+            gxe.ExpectColumnValuesToBeUnique(column="path"),
+            "each file is listed once",
+            "rebuild the manifest; two sources may point at the same files",
+        ),
+        _Check(
+            "manifest",
+            gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=_SHA256_RE),
+            "`sha256` is a 64-char lowercase hex digest",
+            "rebuild the manifest with `dvc repro ingest`",
+        ),
+        _Check(
+            "manifest",
+            gxe.ExpectColumnValuesToBeInSet(column="source_split", value_set=list(_SOURCE_SPLITS)),
+            "`source_split` is train, val, test or empty",
+            "fix the source's split names or its `split:` setting under `data.source`",
+        ),
+        _Check(
+            "manifest",
+            # mostly = 1 - fraction: a few undecodable files are quarantined, more stop the run;
+            # the tiny epsilon keeps an exact-threshold fraction on the passing side of float error
+            gxe.ExpectColumnValuesToBeNull(
+                column="error", mostly=max(0.0, 1.0 - cfg.max_quarantine_fraction - 1e-12)
+            ),
+            f"at most {cfg.max_quarantine_fraction:.2%} of the files are undecodable "
+            "(those are quarantined)",
+            "remove or replace the broken files listed, or raise "
+            "`validate.max_quarantine_fraction` in params.yaml",
+        ),
+    ]
+    checks += _image_checks(cfg, gxe)
+    checks += _class_checks(cfg, gxe)
+    checks += [
+        _Check(
+            "sha256",
+            gxe.ExpectColumnValuesToBeBetween(column="labels", max_value=1),
+            "byte-identical files carry the same label",
+            "delete one copy of each pair listed, or move it to the right class",
+        ),
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeUnique(column="sha256", severity="warning"),
+            "no byte-identical files (duplicates with one label are kept, in one group)",
+            "nothing required: duplicates share a group, so they never straddle splits",
+        ),
+    ]
+    if cfg.near_duplicate_threshold >= 0:
+        checks.append(
+            _Check(
+                "near_duplicates",
+                gxe.ExpectColumnValuesToBeBetween(column="labels", max_value=1, severity="warning"),
+                f"near-duplicates (pHash distance <= {cfg.near_duplicate_threshold}) "
+                "carry the same label",
+                "look at the clusters listed: a mislabelled copy, or lower "
+                "`validate.near_duplicate_threshold`",
+            )
+        )
+    return checks
+
+
+def _image_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
+    """Checks on decoded images: filled-in properties, sizes, modes, labels."""
+    checks = [
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToNotBeNull(column=col),
+            f"`{col}` is filled in for every decodable image",
+            "rebuild the manifest with `dvc repro ingest`",
+        )
+        for col in _NOT_NULL_IMAGES
+    ]
+    checks += [
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="width", min_value=cfg.min_width, max_value=cfg.max_width
+            ),
+            f"image width within [{cfg.min_width}, {cfg.max_width}] px",
+            "remove or resize the images listed, or change `validate.min_width` / `max_width`",
+        ),
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="height", min_value=cfg.min_height, max_value=cfg.max_height
+            ),
+            f"image height within [{cfg.min_height}, {cfg.max_height}] px",
+            "remove or resize the images listed, or change `validate.min_height` / `max_height`",
+        ),
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(cfg.allowed_modes)),
+            f"colour mode in {', '.join(cfg.allowed_modes)}",
+            "convert the images listed, or add their mode to `validate.allowed_modes`",
+        ),
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToMatchRegex(column="phash", regex=_PHASH_RE),
+            "`phash` is a 16-char lowercase hex 64-bit perceptual hash",
+            "rebuild the manifest with `dvc repro ingest`",
+        ),
+    ]
+    if cfg.classes:
+        checks.append(
+            _Check(
+                "images",
+                gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(cfg.classes)),
+                f"labels within the configured classes ({', '.join(cfg.classes)})",
+                "fix the folders / labels listed, or add the class to `validate.classes`",
+            )
+        )
+    checks.append(
+        _Check(
+            "images",
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=cfg.min_classes),
+            f"at least {cfg.min_classes} classes",
+            "add images of more classes (one folder per class), or lower `validate.min_classes`",
+        )
+    )
+    return checks
+
+
+def _class_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
+    """Checks on per-class counts: minimum size and imbalance."""
+    return [
+        _Check(
+            "classes",
+            gxe.ExpectColumnValuesToBeBetween(column="images", min_value=cfg.min_images_per_class),
+            f"at least {cfg.min_images_per_class} images per class",
+            "add images to the classes listed, or lower `validate.min_images_per_class`",
+        ),
+        _Check(
+            "classes",
+            gxe.ExpectColumnMaxToBeBetween(column="ratio", max_value=cfg.max_imbalance_ratio),
+            f"class imbalance (largest / smallest class) at most {cfg.max_imbalance_ratio:g}",
+            "add images to the small classes, or raise `validate.max_imbalance_ratio`",
+        ),
+    ]
+
+
+def _ephemeral_context() -> Any:
+    """A GX context that lives in memory only: no files, no Data Docs, no progress bars."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # never phone home
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _run_suite(frames: _Frames, checks: list[_Check]) -> list[dict[str, Any]]:
+    """Validate each frame against its checks; one outcome dict per check, in order."""
+    import great_expectations as gx
+
+    context = _ephemeral_context()
+    source = context.data_sources.add_pandas("imgcls")
+    outcomes: list[dict[str, Any]] = []
+    for batch_name in dict.fromkeys(c.batch for c in checks):
+        mine = [c for c in checks if c.batch == batch_name]
+        table = frames.tables[batch_name]
+        suite = gx.ExpectationSuite(name=f"imgcls_{batch_name}")
+        for check in mine:
+            suite.add_expectation(check.expectation)
+        asset = source.add_dataframe_asset(batch_name)
+        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": table}
+        )
+        result = batch.validate(suite, result_format=_result_format(batch_name))
+        for check, res in zip(mine, _ordered(result.results, mine), strict=True):
+            outcomes.append(_outcome(check, res.to_json_dict(), frames, len(table)))
+    return outcomes
+
+
+def _ordered(results: list[Any], checks: list[_Check]) -> list[Any]:
+    """Results in the order of `checks`: GX reorders them, and unsaved suites carry no ids."""
+    by_key = {_config_key(r.expectation_config.to_json_dict()): r for r in results}
+    return [by_key[_config_key(c.expectation.configuration.to_json_dict())] for c in checks]
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    """Identity of an expectation within one suite: type, arguments (minus batch) and severity."""
+    kwargs = {k: v for k, v in config["kwargs"].items() if k != "batch_id"}
+    return json.dumps([config["type"], kwargs, str(config.get("severity"))], sort_keys=True)
+
+
+def _result_format(batch_name: str) -> dict[str, Any]:
+    """Row frames: a few example rows by path; small derived frames: every unexpected key."""
+    key = _KEYS[batch_name]
+    if key == "path":
+        return {
+            "result_format": "SUMMARY",
+            "unexpected_index_column_names": [key],
+            "partial_unexpected_count": MAX_EXAMPLES,
+        }
+    return {"result_format": "COMPLETE", "unexpected_index_column_names": [key]}
+
+
+def _outcome(check: _Check, res: dict[str, Any], frames: _Frames, n: int) -> dict[str, Any]:
+    """One JSON-able record per expectation: config, observed value, success, examples."""
+    config = res["expectation_config"]
+    kwargs = _plain({k: v for k, v in config["kwargs"].items() if k != "batch_id"})
+    result = res.get("result") or {}
+    exc = res.get("exception_info") or {}
+    key = _KEYS[check.batch]
+    index = result.get("unexpected_index_list") or result.get("partial_unexpected_index_list") or []
+    keys = [row.get(key) for row in index if isinstance(row, dict)]
+    out = {
+        "batch": check.batch,
+        "expectation_type": config["type"],
+        "kwargs": kwargs,
+        "severity": str(config.get("severity") or "critical"),
+        "success": bool(res["success"]),
+        "title": check.title,
+        "hint": "" if res["success"] else check.hint,
+        "observed_value": _plain(result.get("observed_value")),
+        "element_count": result.get("element_count", n),
+        "unexpected_count": result.get("unexpected_count"),
+        "unexpected_percent": result.get("unexpected_percent"),
+        "unexpected_values": _plain(_unexpected_values(result, key)),
+        "exception": exc.get("exception_message") if exc.get("raised_exception") else None,
+    }
+    out["examples"] = [] if res["success"] else _examples(check, kwargs, index, keys, frames)
+    out["problem"] = "" if res["success"] else _problem(check, out, keys, frames)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars (GX passes some through) as plain Python values, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _unexpected_values(result: dict[str, Any], key: str) -> list[Any]:
+    """The offending keys of a derived frame (classes, digests, clusters); empty for rows."""
+    if key == "path":
+        return []
+    index = result.get("unexpected_index_list") or []
+    return [row.get(key) for row in index if isinstance(row, dict)][:MAX_LISTED]
+
+
+def _examples(
+    check: _Check, kwargs: dict[str, Any], index: list[Any], keys: list[Any], frames: _Frames
+) -> list[str]:
+    """Up to ten example paths (with the offending value) for a failed expectation."""
+    column = kwargs.get("column")
+    if _KEYS[check.batch] == "path":
+        out = []
+        for row in index[:MAX_EXAMPLES]:
+            value = row.get(column) if isinstance(row, dict) else None
+            shown = "missing" if value is None else repr(value)
+            if value is None and column in ("width", "height"):
+                shown = "missing or not a number"  # coerced to a number before GX sees it
+            out.append(f"{row.get('path')} ({column}={shown})")
+        return out
+    rows = frames.rows.get(check.batch)
+    if rows is None or not keys:
+        return []
+    hit = rows[rows["key"].isin(keys)].sort_values(["key", "path"])
+    return [
+        f"{r.path} (label={r.label!r}{_key_note(check.batch, r.key)})"
+        for r in hit.head(MAX_EXAMPLES).itertuples()
+    ]
+
+
+def _key_note(batch: str, key: str) -> str:
+    """Extra words naming the derived key an example path belongs to."""
+    if batch == "sha256":
+        return f", sha256={key[:12]}…"
+    if batch == "near_duplicates":
+        return f", cluster={key}"
+    return ""
+
+
+def _problem(check: _Check, out: dict[str, Any], keys: list[Any], frames: _Frames) -> str:
+    """One line saying what was observed, and how many rows it concerns."""
+    if out["exception"]:
+        return f"could not be evaluated: {out['exception']}"
+    if out["expectation_type"] == "expect_column_to_exist":
+        present = ", ".join(map(str, frames.tables[check.batch].columns)) or "none"
+        return f"no column `{out['kwargs']['column']}` (columns present: {present})"
+    kind = _KEYS[check.batch]
+    if out["unexpected_count"] is not None and kind == "path":
+        text = (
+            f"{out['unexpected_count']} of {out['element_count']} rows "
+            f"({out['unexpected_percent'] or 0:.2f}%)"
+        )
+        mostly = out["kwargs"].get("mostly")
+        if mostly is not None and mostly < 1:
+            text += f", at most {(1 - mostly) * 100:.2f}% allowed"
+        return text
+    if out["unexpected_count"] is not None:
+        rows = frames.rows[check.batch]
+        n_rows = int(rows["key"].isin(keys).sum())
+        shown = ", ".join(map(str, keys[:MAX_EXAMPLES]))
+        noun = {"classes": "classes", "sha256": "duplicate sets", "near_duplicates": "clusters"}
+        return (
+            f"{out['unexpected_count']} of {out['element_count']} {noun[check.batch]} "
+            f"({n_rows} rows): {shown}"
+        )
+    if out["observed_value"] is not None:
+        text = f"observed {out['observed_value']!r}, expected {_bounds(out['kwargs'])}"
+        return text + _extremes(frames.class_counts) if check.batch == "classes" else text
+    if check.batch == "classes":
+        return "no decodable images to count"
+    return "not met"
+
+
+def _extremes(counts: dict[str, int]) -> str:
+    """Words naming the largest and smallest non-empty class."""
+    present = {k: v for k, v in counts.items() if v > 0}
+    if not present:
+        return ""
+    big = max(present, key=lambda k: (present[k], k))
+    small = min(present, key=lambda k: (present[k], k))
+    return f" (largest {big!r}: {present[big]}, smallest {small!r}: {present[small]})"
+
+
+def _bounds(kwargs: dict[str, Any]) -> str:
+    """Render min/max bounds of an expectation as words."""
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    if lo is not None and hi is not None:
+        return f"between {lo:g} and {hi:g}"
+    if lo is not None:
+        return f"at least {lo:g}"
+    if hi is not None:
+        return f"at most {hi:g}"
+    return "a value"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(
+    manifest: pd.DataFrame, cfg: ValidateConfig, frames: _Frames, outcomes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The machine-readable report: counts, every expectation, quarantine and duplicate lists."""
+    import great_expectations as gx
+
+    table = frames.tables["manifest"]
+    quarantine = _quarantine(table) if {"path", "label", "error"} <= set(table.columns) else []
+    failed = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
+    warned = [o for o in outcomes if not o["success"] and o["severity"] != "critical"]
+    n = len(manifest)
+    valid_groups = frames.valid["group"].nunique() if len(frames.valid) else 0
+    images = frames.tables.get("images")
+    dup_rows = sum(len(d["paths"]) for d in frames.duplicates)
+    summary = {
+        "rows": n,
+        "valid": len(frames.valid),
+        "quarantined": len(quarantine),
+        "quarantine_fraction": round(len(quarantine) / n, 6) if n else 0.0,
+        "max_quarantine_fraction": cfg.max_quarantine_fraction,
+        "classes": len(frames.found_labels),
+        "exact_duplicate_sets": len(frames.duplicates),
+        "exact_duplicate_rows": dup_rows,
+        "conflicting_duplicate_sets": sum(d["conflicting_labels"] for d in frames.duplicates),
+        "near_duplicate_clusters": len(frames.clusters),
+        "near_duplicate_rows": sum(len(c["paths"]) for c in frames.clusters),
+        "groups_before": int(images["group"].nunique()) if images is not None else 0,
+        "groups_after": int(valid_groups),
+        "expectations": len(outcomes),
+        "failed_expectations": len(failed),
+        "warnings": len(warned),
+    }
+    return {
+        "success": not failed,
+        "summary": summary,
+        "params": cfg.model_dump(mode="json"),
+        "labels": {
+            "configured": list(cfg.classes) if cfg.classes else None,
+            "found": frames.found_labels,
+            "counts": frames.class_counts,
+        },
+        "expectations": outcomes,
+        "quarantine": quarantine[:MAX_LISTED],
+        "duplicates": frames.duplicates[:MAX_LISTED],
+        "near_duplicates": frames.clusters[:MAX_LISTED],
+        "truncated": {
+            "quarantine": max(0, len(quarantine) - MAX_LISTED),
+            "duplicates": max(0, len(frames.duplicates) - MAX_LISTED),
+            "near_duplicates": max(0, len(frames.clusters) - MAX_LISTED),
+        },
+        "great_expectations_version": gx.__version__,
+    }
+
+
+def _quarantine(table: pd.DataFrame) -> list[dict[str, str]]:
+    """Rows with an `error`, sorted by path: what is left out of the valid rows, and why."""
+    bad = table[table["error"].notna()].sort_values("path")
+    return [
+        {"path": _str(path), "label": _str(label), "reason": str(reason)}
+        for path, label, reason in zip(bad["path"], bad["label"], bad["error"], strict=True)
+    ]
+
+
+def _str(value: Any) -> str:
+    """A cell as text; nulls become the empty string."""
+    return (
+        ""
+        if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+        else str(value)
+    )
+
+
+def _cell(value: Any) -> str:
+    """Escape a value for a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
+    """The human report: verdict, counts, expectations, classes, quarantine and duplicates."""
+    s = report["summary"]
+    verdict = "PASSED" if report["success"] else "FAILED"
+    lines = [
+        f"# Data validation: {verdict}",
+        "",
+        f"{s['rows']} files in the manifest, {s['valid']} valid, {s['quarantined']} quarantined "
+        f"({s['quarantine_fraction']:.2%}; at most {s['max_quarantine_fraction']:.2%} allowed), "
+        f"{s['classes']} classes, {s['groups_after']} groups after merging duplicates "
+        f"({s['groups_before']} before).",
+        "",
+        "## Expectations",
+        "",
+        "| result | severity | on | rule | expectation | observed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in report["expectations"]:
+        mark = "pass" if o["success"] else ("**FAIL**" if o["severity"] == "critical" else "warn")
+        lines.append(
+            f"| {mark} | {o['severity']} | {o['batch']} | {_cell(o['title'])} | "
+            f"`{o['expectation_type']}` | {_cell(_observed(o))} |"
+        )
+    problems = [o for o in report["expectations"] if not o["success"]]
+    if problems:
+        lines += ["", "## Problems", ""]
+        for o in problems:
+            lines.append(f"- **{_cell(o['title'])}** ({o['severity']}): {_cell(o['problem'])}")
+            lines += [f"  - `{_cell(ex)}`" for ex in o["examples"]]
+            if o["hint"]:
+                lines.append(f"  - fix: {_cell(o['hint'])}")
+    counts = report["labels"]["counts"]
+    if counts:
+        lines += ["", "## Classes", "", "| class | images |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {v} |" for k, v in counts.items()]
+    lines += _listing(
+        "Quarantined files",
+        s["quarantined"],
+        ["path", "label", "reason"],
+        [[q["path"], q["label"], q["reason"]] for q in report["quarantine"]],
+        max_rows,
+    )
+    lines += _listing(
+        "Exact duplicates (same bytes)",
+        s["exact_duplicate_sets"],
+        ["sha256", "labels", "paths"],
+        [
+            [d["sha256"][:12] + "…", ", ".join(d["labels"]), "<br>".join(d["paths"])]
+            for d in report["duplicates"]
+        ],
+        max_rows,
+    )
+    lines += _listing(
+        "Near-duplicate clusters (same group, never split apart)",
+        s["near_duplicate_clusters"],
+        ["cluster", "labels", "paths"],
+        [
+            [c["cluster"], ", ".join(c["labels"]), "<br>".join(c["paths"][:20])]
+            for c in report["near_duplicates"]
+        ],
+        max_rows,
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _observed(o: dict[str, Any]) -> str:
+    """Short observed value for the expectations table."""
+    if o["exception"]:
+        return "error: " + o["exception"]
+    if o["unexpected_count"] is not None:
+        return f"{o['unexpected_count']} of {o['element_count']} unexpected"
+    if o["observed_value"] is not None:
+        value = o["observed_value"]
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return "present" if o["success"] else "missing"
+
+
+def _listing(
+    title: str, total: int, header: list[str], rows: list[list[str]], max_rows: int
+) -> list[str]:
+    """A titled Markdown table with at most `max_rows` rows and a note when cut."""
+    if not total:
+        return []
+    lines = ["", f"## {title} ({total})", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[:max_rows]]
+    if total > max_rows:
+        lines.append(f"\n…and {total - max_rows} more (see the JSON report).")
+    return lines

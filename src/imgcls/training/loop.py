@@ -1,0 +1,166 @@
+"""Train / eval epochs as pure functions: tensors in, numbers out, no file I/O."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class Preprocess(nn.Module):
+    """uint8 (B, C, H, W) -> float normalised with the training set's per-channel mean / std."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
+        self.register_buffer(
+            "shift", torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> (B, C, H, W) float32."""
+        return x.float() * self.scale - self.shift
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast on CUDA
+    channels_last: bool = False
+
+    def autocast(self):
+        """Autocast context on CUDA, a no-op elsewhere."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a uint8 batch to the device (non-blocking from pinned memory)."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch measured."""
+
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput."""
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    prep: Preprocess,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rt: Runtime,
+    *,
+    grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[nn.Module], None] | None = None,
+    progress: tqdm | None = None,
+) -> EpochStats:
+    """One pass over the training batches; the loss is checked for NaN / inf every step."""
+    model.train()
+    t0 = time.perf_counter()
+    total_loss = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    seen = 0
+    for x, y in batches:
+        x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(prep(x))  # (B, K)
+            loss = loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} after {seen} images")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if on_step is not None:
+            on_step(model)
+        n = y.shape[0]
+        # Accumulate on device: a .item() per step would force a sync on CUDA.
+        total_loss += loss.detach().float() * n
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += n
+        if progress is not None:
+            progress.update(n)
+            if progress.n == n or progress.n % (n * 10) < n:  # refresh the postfix now and then
+                elapsed = time.perf_counter() - t0
+                progress.set_postfix(
+                    loss=f"{total_loss.item() / seen:.4f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    img_s=f"{seen / max(elapsed, 1e-9):.0f}",
+                    refresh=False,
+                )
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return EpochStats(
+        loss=total_loss.item() / max(seen, 1),
+        accuracy=correct.item() / max(seen, 1),
+        images=seen,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    prep: Preprocess,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the model over batches; return (N, K) float32 logits and (N,) int labels."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in batches:
+        with rt.autocast():
+            logits = model(prep(rt.to_device(x)))
+        outs.append(logits.float().cpu())
+        labels.append(y)
+    if not outs:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return torch.cat(outs).numpy(), torch.cat(labels).numpy()
+
+
+def cross_entropy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of numpy logits (for validation loss without a second pass)."""
+    if len(labels) == 0:
+        return math.nan
+    t = torch.from_numpy(logits)
+    return float(nn.functional.cross_entropy(t, torch.from_numpy(labels)).item())

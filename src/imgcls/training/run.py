@@ -1,0 +1,136 @@
+"""Everything the train stage does between reading `splits.csv` and writing `models/model.pt`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import imgcls
+from imgcls.config import Params
+from imgcls.data.augment import build_transform
+from imgcls.data.dataset import cache_key, channel_stats, decode_images, infer_channels
+from imgcls.errors import ImgclsError
+from imgcls.io import read_csv
+from imgcls.models.registry import create_model
+from imgcls.training.loop import Preprocess
+from imgcls.training.trainer import EpochCallback, FitResult, fit, seed_everything
+
+
+@dataclass
+class SplitData:
+    """Decoded images of every row in splits.csv, with integer labels and split names."""
+
+    frame: pd.DataFrame
+    images: np.ndarray  # (N, S, S, C) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64 indices into `classes`
+    classes: list[str]
+    channels: int
+    key: str  # cache key: rows + size + channels
+
+    def part(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of one split."""
+        mask = (self.frame["split"] == split).to_numpy()
+        return self.images[mask], self.labels[mask]
+
+
+def load_split_data(
+    splits_csv: Path,
+    root: Path,
+    image_size: int,
+    channels: str | int,
+    cache_dir: Path,
+    *,
+    classes: list[str] | None = None,
+    progress: bool = True,
+) -> SplitData:
+    """Read splits.csv and decode its images once (cached across epochs and stages)."""
+    frame = read_csv(splits_csv)
+    if frame.empty:
+        raise ImgclsError(f"{splits_csv}: no rows; check the data source and the validate report")
+    classes = classes or sorted(frame["label"].unique())
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise ImgclsError(
+            f"{splits_csv}: labels {unknown} are not classes the model knows ({classes})"
+        )
+    n_channels = infer_channels(frame["mode"]) if channels == "auto" else int(channels)
+    images = decode_images(frame, root, image_size, n_channels, cache_dir, progress=progress)
+    labels = frame["label"].map(index).to_numpy(dtype=np.int64)
+    return SplitData(
+        frame, images, labels, classes, n_channels, cache_key(frame, image_size, n_channels)
+    )
+
+
+def config_hash(params: Params, data_key: str) -> str:
+    """What a checkpoint must match to be resumed: data, model, augmentation, training, seed."""
+    relevant = {k: params.to_dict()[k] for k in ("base", "model", "augment", "train")}
+    relevant["train"] = {
+        k: v for k, v in relevant["train"].items() if k not in {"num_workers", "device"}
+    }
+    blob = json.dumps({"params": relevant, "data": data_key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_model(
+    params: Params,
+    data: SplitData,
+    *,
+    checkpoint_path: Path | None,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> tuple[FitResult, dict[str, Any]]:
+    """Build the configured model and fit it on the train split, validating on val."""
+    cfg = params.train
+    seed_everything(params.base.seed, cfg.deterministic)
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("val")
+    if len(train_y) == 0:
+        raise ImgclsError("the train split is empty; check split fractions in params.yaml")
+    mean, std = channel_stats(train_x)
+    net = create_model(
+        params.model.name,
+        in_chans=data.channels,
+        num_classes=len(data.classes),
+        image_size=cfg.image_size,
+        pretrained=params.model.pretrained,
+        pretrained_path=params.model.pretrained_path,
+        **params.model.kwargs,
+    )
+    transform = build_transform(params.augment.train, "augment.train")
+    result = fit(
+        net,
+        Preprocess(mean, std),
+        (train_x, train_y),
+        (val_x, val_y),
+        len(data.classes),
+        cfg,
+        seed=params.base.seed,
+        train_transform=transform,
+        checkpoint_path=checkpoint_path,
+        config_hash=config_hash(params, data.key),
+        on_epoch_end=on_epoch_end,
+        progress=progress,
+    )
+    meta = {
+        "arch": params.model.name,
+        "model_kwargs": params.model.kwargs,
+        "classes": data.classes,
+        "image_size": cfg.image_size,
+        "channels": data.channels,
+        "mean": mean,
+        "std": std,
+        "resize": "bilinear, stretched to a square",
+        "input": "uint8 (B, H, W, C) RGB or grayscale",
+        "best_epoch": result.best_epoch,
+        "monitor": cfg.monitor,
+        "monitor_value": result.best_value,
+        "imgcls_version": imgcls.__version__,
+    }
+    return result, meta

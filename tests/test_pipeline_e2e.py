@@ -1,0 +1,118 @@
+"""The whole pipeline through real `dvc` commands in a real git repo, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
+
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".dvcignore"]
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command with the venv first on PATH (as `make pipeline` does)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_project(dest: Path, **overrides: dict) -> Path:
+    """Copy the project's pipeline files into a fresh git repo with fast params."""
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"].update(epochs=3)
+    for section, values in overrides.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / ".gitignore").write_text("/mlflow.db\n/data/cache/\n")
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "config", "user.email", "t@localhost", cwd=dest)
+    sh("git", "config", "user.name", "test", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "project", cwd=dest)
+    return dest
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stage names DVC reports as running."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def mlflow_runs(root: Path) -> list:
+    """All runs in the project's default SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("imgcls")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    first = sh("dvc", "repro", cwd=root)
+    assert ran_stages(first.stdout) == {"ingest", "validate", "split", "train", "evaluate"}
+    for out in [
+        "data/interim/manifest.csv", "reports/validation.json", "data/interim/valid.csv",
+        "data/processed/splits.csv", "reports/split.json", "models/model.pt", "metrics/train.json",
+        "metrics/eval.json", "plots/confusion.csv", "reports/figures/confusion_matrix.png",
+    ]:
+        assert (root / out).is_file(), out
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_0", "recall_9"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["accuracy"] > 0.8  # 3 epochs on digits; the default 15 reach >= 0.95
+
+    dag = sh("dvc", "dag", "--md", cwd=root).stdout
+    for a, b in [("ingest", "validate"), ("validate", "split"), ("split", "train"), ("train", "evaluate")]:
+        assert f"{a} --> {b}" in dag.replace('"', "")
+
+    again = sh("dvc", "repro", cwd=root)
+    assert ran_stages(again.stdout) == set()
+
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "baseline", cwd=root)
+    exp = sh("dvc", "exp", "run", "-S", "train.epochs=1", cwd=root)
+    assert ran_stages(exp.stdout) == {"train", "evaluate"}
+
+    runs = mlflow_runs(root)
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert "test_f1_macro" in run.data.metrics and "test_f1_0" in run.data.metrics
+        assert run.data.params["train.epochs"] in {"3", "1"}
+    assert any(r.data.tags.get("dvc.exp_name") for r in runs)
+
+
+def test_failed_validation_keeps_outputs_and_lock(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    sh("dvc", "repro", "split", cwd=root)
+    lock = (root / "dvc.lock").read_text()
+    valid = (root / "data/interim/valid.csv").read_bytes()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["validate"]["min_images_per_class"] = 100_000
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = sh("dvc", "repro", "split", cwd=root, check=False)
+    assert failed.returncode != 0
+    assert "Traceback" not in failed.stderr
+    assert (root / "dvc.lock").read_text() == lock
+    assert (root / "data/interim/valid.csv").read_bytes() == valid

@@ -1,0 +1,456 @@
+"""Data sources on real archives, real IDX files and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import socket
+import struct
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import _imagefactory as fac
+from imgcls.config import DataConfig, GroupConfig
+from imgcls.data import sources
+from imgcls.data.manifest import build_manifest, group_of
+from imgcls.data.source_archive import ArchiveError, UnsafeArchiveError, extract_archive
+from imgcls.data.source_download import ChecksumError, DownloadError, check_url, download
+from imgcls.data.sources import FoundFile, SourceError, read_idx, resolve_sources
+
+
+def _build(root: Path, **data: object) -> pd.DataFrame:
+    """Build a manifest for a repository rooted at `root` with the given `data:` params."""
+    cfg = DataConfig.model_validate({"workers": 1, **data})
+    return build_manifest(cfg, root, root / "data" / "raw", progress=False)
+
+
+def _sha(path: Path) -> str:
+    """SHA-256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _dataset(folder: Path) -> Path:
+    """A small class-per-folder dataset: 2 classes x 2 images."""
+    fac.class_folder(folder, "cat", 2)
+    fac.class_folder(folder, "dog", 2)
+    return folder
+
+
+def _zip_folder(src: Path, archive: Path, prefix: str = "") -> Path:
+    """Zip every file under `src` (member names relative to src, under `prefix`)."""
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(src).as_posix())
+    return archive
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tgz"])
+def test_archive_source_is_extracted_and_listed(tmp_path: Path, suffix: str) -> None:
+    src = _dataset(tmp_path / "build")
+    archive = tmp_path / f"pets{suffix}"
+    if suffix == ".zip":
+        _zip_folder(src, archive, prefix="pets/")
+    else:
+        mode = "w" if suffix == ".tar" else "w:gz"
+        with tarfile.open(archive, mode) as tf:
+            tf.add(src, arcname="pets")
+    df = _build(tmp_path, source=f"pets{suffix}")
+    assert len(df) == 4 and (df["error"] == "").all()
+    assert set(df["label"]) == {"cat", "dog"}
+    assert all(p.startswith("data/raw/pets/pets/") for p in df["path"])
+
+
+def test_archive_is_not_extracted_again_when_unchanged(tmp_path: Path) -> None:
+    archive = _zip_folder(_dataset(tmp_path / "build"), tmp_path / "pets.zip")
+    target = tmp_path / "raw" / "pets"
+    assert extract_archive(archive, target, 10**9) is True
+    assert extract_archive(archive, target, 10**9) is False
+    fac.png(tmp_path / "build" / "cat" / "new.png")
+    _zip_folder(tmp_path / "build", archive)  # rewritten: new size / mtime
+    assert extract_archive(archive, target, 10**9) is True
+    assert (target / "cat" / "new.png").is_file()
+
+
+def test_zip_slip_member_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("good/a.png", b"x")
+        zf.writestr("../../escaped.png", b"x")
+    with pytest.raises(UnsafeArchiveError, match=r"'\.\.' path component") as err:
+        _build(tmp_path, source="evil.zip")
+    assert "evil.zip" in str(err.value) and "escaped.png" in str(err.value)
+    assert not list(tmp_path.parent.glob("escaped.png"))
+    assert not (tmp_path / "data" / "raw" / "evil").exists()
+
+
+def test_absolute_member_path_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "abs.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("/tmp/imgcls-absolute.png")
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UnsafeArchiveError, match="absolute path"):
+        extract_archive(archive, tmp_path / "out", 10**9)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("link_type", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_tar_link_escaping_the_target_is_refused(tmp_path: Path, link_type: bytes) -> None:
+    archive = tmp_path / "links.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("data/cat/passwd.png")
+        info.type = link_type
+        info.linkname = "../../../../etc/passwd" if link_type == tarfile.SYMTYPE else "../x"
+        tf.addfile(info)
+    with pytest.raises(UnsafeArchiveError, match="points outside the target folder"):
+        _build(tmp_path, source="links.tar.gz")
+    assert not (tmp_path / "data" / "raw" / "links").exists()
+
+
+def test_zip_symlink_escaping_the_target_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "links.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("cat/evil.png")
+        info.external_attr = (0o120777 << 16) | 0  # a Unix symlink
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="link to absolute path"):
+        extract_archive(archive, tmp_path / "out", 10**9)
+
+
+def test_link_inside_the_archive_is_allowed(tmp_path: Path) -> None:
+    src = _dataset(tmp_path / "build")
+    archive = tmp_path / "ok.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(src, arcname="ds")
+        info = tarfile.TarInfo("ds/dog/alias.png")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "../cat/cat_000.png"
+        tf.addfile(info)
+    df = _build(tmp_path, source="ok.tar")
+    assert len(df) == 5 and (df["error"] == "").all()
+
+
+def test_oversized_archive_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/zeros.png", b"\0" * 200_000)  # compresses to a few hundred bytes
+    with pytest.raises(UnsafeArchiveError, match="max_archive_bytes") as err:
+        _build(tmp_path, source="big.zip", max_archive_bytes=100_000)
+    assert "200,000" in str(err.value)
+    assert not (tmp_path / "data" / "raw" / "big").exists()
+
+
+def test_damaged_archive_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ArchiveError, match="cannot extract"):
+        _build(tmp_path, source="broken.zip")
+
+
+# ----------------------------------------------------------------------------- HTTP server
+
+
+@dataclass
+class Server:
+    """A local HTTP server that serves `files`, honours Range and can cut a response short."""
+
+    base: str
+    files: dict[str, bytes]
+    requests: list[dict[str, str]] = field(default_factory=list)
+    cut_after: int | None = None  # next full response stops after this many bytes
+
+
+@pytest.fixture()
+def server() -> Iterator[Server]:
+    """Start a threaded http.server on 127.0.0.1 with an ephemeral port."""
+    state = Server("", {})
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:
+            state.requests.append({"path": self.path, "range": self.headers.get("Range", "")})
+            data = state.files.get(self.path.lstrip("/"))
+            if data is None:
+                self.send_error(404)
+                return
+            start = 0
+            if rng := self.headers.get("Range"):
+                start = int(rng.removeprefix("bytes=").split("-")[0])
+                if start >= len(data):
+                    self.send_error(416)
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if state.cut_after is not None:
+                body, state.cut_after = body[: state.cut_after], None
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def pets_zip(tmp_path: Path) -> bytes:
+    """Bytes of a zip holding a small two-class dataset (a few hundred kB so it streams)."""
+    src = tmp_path / "build"
+    for label in ("cat", "dog"):
+        for i in range(3):
+            fac.png(src / label / f"{label}{i}.png", (128, 128), seed=i + (10 if label == "dog" else 0))
+    return _zip_folder(src, tmp_path / "pets-build.zip").read_bytes()
+
+
+def _url_source(server: Server, data: bytes, sha: str | None = None) -> list[dict[str, str]]:
+    """Serve `data` as pets.zip and return a data.source list pointing at it."""
+    server.files["pets.zip"] = data
+    digest = hashlib.sha256(data).hexdigest() if sha is None else sha
+    return [{"url": server.base + "pets.zip", "sha256": digest}]
+
+
+def test_url_source_is_downloaded_verified_extracted_and_cached(
+    tmp_path: Path, server: Server, pets_zip: bytes
+) -> None:
+    src = _url_source(server, pets_zip)
+    df = _build(tmp_path, source=src)
+    assert len(df) == 6 and set(df["label"]) == {"cat", "dog"}
+    cached = tmp_path / "data" / "raw" / "downloads" / "pets.zip"
+    assert cached.read_bytes() == pets_zip
+    assert all(p.startswith("data/raw/pets/") for p in df["path"])
+    n = len(server.requests)
+    again = _build(tmp_path, source=src)
+    assert len(server.requests) == n  # verified from the cache, not downloaded again
+    pd.testing.assert_frame_equal(df, again)
+
+
+def test_interrupted_download_resumes_with_a_range_request(
+    tmp_path: Path, server: Server, pets_zip: bytes
+) -> None:
+    src = _url_source(server, pets_zip)
+    half = len(pets_zip) // 2
+    server.cut_after = half
+    with pytest.raises(DownloadError, match="interrupted after") as err:
+        _build(tmp_path, source=src)
+    assert "Run ingest again to resume" in str(err.value)
+    part = tmp_path / "data" / "raw" / "downloads" / "pets.zip.part"
+    assert part.stat().st_size == half
+    df = _build(tmp_path, source=src)
+    assert server.requests[-1]["range"] == f"bytes={half}-"
+    assert len(df) == 6
+    assert _sha(tmp_path / "data" / "raw" / "downloads" / "pets.zip") == _sha_bytes(pets_zip)
+    assert not part.exists()
+
+
+def _sha_bytes(data: bytes) -> str:
+    """SHA-256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_checksum_mismatch_names_both_digests_deletes_the_file_and_keeps_outputs(
+    tmp_path: Path, server: Server, pets_zip: bytes
+) -> None:
+    good = _build(tmp_path, source=_url_source(server, pets_zip))
+    extracted = sorted((tmp_path / "data" / "raw" / "pets").rglob("*.png"))
+    (tmp_path / "data" / "raw" / "downloads" / "pets.zip").unlink()  # force a fresh download
+    tampered = pets_zip[:-10] + b"0123456789"
+    wrong = _sha_bytes(pets_zip)
+    with pytest.raises(ChecksumError) as err:
+        _build(tmp_path, source=_url_source(server, tampered, sha=wrong))
+    msg = str(err.value)
+    assert wrong in msg and _sha_bytes(tampered) in msg
+    downloads = tmp_path / "data" / "raw" / "downloads"
+    assert not (downloads / "pets.zip").exists() and not (downloads / "pets.zip.part").exists()
+    assert sorted((tmp_path / "data" / "raw" / "pets").rglob("*.png")) == extracted
+    assert len(good) == 6
+
+
+def _closed_port() -> int:
+    """A local port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_error_says_how_to_supply_the_file_by_hand(
+    tmp_path: Path, pets_zip: bytes
+) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/pets.zip"
+    src = [{"url": url, "sha256": _sha_bytes(pets_zip)}]
+    with pytest.raises(DownloadError, match="could not reach the URL") as err:
+        _build(tmp_path, source=src)
+    dest = tmp_path / "data" / "raw" / "downloads" / "pets.zip"
+    assert f"copy it to {dest}" in str(err.value)
+    dest.write_bytes(pets_zip)  # what the message says to do
+    assert len(_build(tmp_path, source=src)) == 6
+
+
+def test_missing_sha256_reports_the_digest_to_pin(
+    tmp_path: Path, server: Server, pets_zip: bytes
+) -> None:
+    server.files["pets.zip"] = pets_zip
+    with pytest.raises(DownloadError, match=f"add `sha256: {_sha_bytes(pets_zip)}`"):
+        _build(tmp_path, source=server.base + "pets.zip")
+    n = len(server.requests)
+    df = _build(tmp_path, source=_url_source(server, pets_zip))
+    assert len(df) == 6 and len(server.requests) == n  # pinned: no second download
+
+
+def test_http_error_status_is_reported(tmp_path: Path, server: Server) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(server.base + "nope.zip", "0" * 64, tmp_path / "nope.zip", progress=False)
+
+
+def test_only_https_is_accepted_except_for_localhost() -> None:
+    check_url("https://example.org/a.zip")
+    check_url("http://localhost:8000/a.zip")
+    with pytest.raises(DownloadError, match="only https"):
+        check_url("http://example.org/a.zip")
+    with pytest.raises(DownloadError, match="only https"):
+        check_url("ftp://example.org/a.zip")
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> Path:
+    """Write an array as a gzip-compressed IDX file (the MNIST format)."""
+    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.tobytes())
+    return path
+
+
+def _idx_folder(folder: Path) -> Path:
+    """train (6 images) and t10k (3 images) IDX files with labels 0..2."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 3)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz",
+                   rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))  # fmt: skip
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 3)
+    return folder
+
+
+def test_idx_files_become_png_files_with_splits(tmp_path: Path) -> None:
+    _idx_folder(tmp_path / "mnistish")
+    src = [{"kind": "idx", "path": "mnistish", "name": "mn", "classes": ["a", "b", "c"]}]
+    df = _build(tmp_path, source=src)
+    assert len(df) == 9 and (df["error"] == "").all()
+    assert df.groupby("source_split").size().to_dict() == {"test": 3, "train": 6}
+    assert set(df["label"]) == {"a", "b", "c"}
+    assert set(df["mode"]) == {"L"} and set(df["width"]) == {28}
+    assert all(p.startswith("data/raw/mn/") for p in df["path"])
+    auto = _build(tmp_path, source="mnistish")  # a folder of IDX files is recognised
+    assert set(auto["label"]) == {"0", "1", "2"}
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = _write_idx(tmp_path / "x-images-idx3-ubyte.gz", np.zeros((4, 5, 5), np.uint8))
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[:-7]))
+    with pytest.raises(SourceError, match="truncated or damaged"):
+        read_idx(path)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_rps_preset_expands_to_the_two_canonical_archives(tmp_path: Path) -> None:
+    specs = resolve_sources(DataConfig(source="rps"), tmp_path)
+    assert [s.url.rsplit("/", 1)[-1] for s in specs] == ["rps.zip", "rps-test-set.zip"]
+    assert [s.split for s in specs] == [None, "test"]
+    assert specs[0].sha256 == "c2403444395842ad04c53612bad54b574443eae17a0723117a2ff87b9d72194f"
+    assert all(s.url.startswith("https://storage.googleapis.com/") for s in specs)
+    rule = specs[0].group
+    assert rule is not None and rule.by == "regex"
+
+    def group(name: str) -> str:
+        return group_of(f"data/raw/rps/rps/rock/{name}", FoundFile(Path(name), "rock"), rule)
+
+    assert group("rock01-000.png") == group("paper01-080.png") == "01"
+    assert group("scissors04-012.png") == "04"
+    assert group("testrock01-00.png") == "test01"
+    # an explicit data.group wins over the preset's hand-id rule
+    explicit = resolve_sources(DataConfig(source="rps", group={"by": "parent_dir"}), tmp_path)
+    assert all(s.group is None for s in explicit)
+
+
+def test_fashion_mnist_preset_prefers_a_local_copy(tmp_path: Path, monkeypatch) -> None:
+    local = _idx_folder(tmp_path / "share" / "fashion-mnist")
+    for name in sources.FASHION_FILES:  # the preset wants all four canonical file names
+        assert (local / name).is_file() or name.startswith(("train", "t10k"))
+    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (local,))
+    (spec,) = resolve_sources(DataConfig(source="fashion-mnist"), tmp_path)
+    assert spec.kind == "idx" and spec.path == str(local)
+    assert spec.classes == sources.FASHION_CLASSES
+    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (tmp_path / "absent",))
+    (spec,) = resolve_sources(DataConfig(source="fashion-mnist"), tmp_path)
+    assert spec.path is None and spec.url == sources.FASHION_BASE
+    assert spec.url.startswith("https://")
+
+
+def test_fashion_mnist_local_copy_is_ingested(tmp_path: Path, monkeypatch) -> None:
+    local = _idx_folder(tmp_path / "share" / "fashion-mnist")
+    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (local,))
+    df = _build(tmp_path, source="fashion-mnist")
+    assert len(df) == 9
+    assert set(df["label"]) == {"tshirt_top", "trouser", "pullover"}
+    assert all(p.startswith("data/raw/fashion-mnist/") for p in df["path"])
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def test_short_forms_are_resolved_by_what_they_point_at(tmp_path: Path) -> None:
+    _dataset(tmp_path / "folder")
+    cfg = DataConfig(source=["digits", "folder", "x.zip", "y.tar.gz", "labels.csv",
+                             "https://h.example/z.tgz"])  # fmt: skip
+    kinds = [(s.kind, s.name) for s in resolve_sources(cfg, tmp_path)]
+    assert kinds == [("digits", "digits"), ("folder", "folder"), ("archive", "x"),
+                     ("archive", "y"), ("csv", "labels"), ("url", "z")]  # fmt: skip
+
+
+def test_resolution_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        resolve_sources(DataConfig(source="no/such/folder"), tmp_path)
+    with pytest.raises(SourceError, match="unknown preset"):
+        resolve_sources(DataConfig(source={"kind": "preset", "preset": "cifar"}), tmp_path)
+    with pytest.raises(SourceError, match="different `name:`"):
+        resolve_sources(DataConfig(source=["digits", "digits"]), tmp_path)
+    with pytest.raises(SourceError, match="empty list"):
+        resolve_sources(DataConfig(source=[]), tmp_path)
+
+
+def test_several_sources_are_combined(tmp_path: Path) -> None:
+    _dataset(tmp_path / "extra")
+    df = _build(tmp_path, source=["digits", {"path": "extra", "split": "test"}])
+    assert len(df) == 1797 + 4
+    assert set(df.loc[df["label"].isin(["cat", "dog"]), "source_split"]) == {"test"}
+    assert GroupConfig().by == "none"
