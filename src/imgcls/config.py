@@ -149,10 +149,10 @@ class ValidateConfig(Strict):
 class SplitConfig(Strict):
     """`split` section: group-stratified train / val / test fractions."""
 
-    train: float = Field(0.7, ge=0.0, le=1.0)
-    val: float = Field(0.15, ge=0.0, le=1.0)
-    test: float = Field(0.15, ge=0.0, le=1.0)
-    stable: bool = True  # existing groups keep their split when data grows
+    train: float = Field(0.7, gt=0.0, le=1.0)  # share of each class; the model needs some
+    val: float = Field(0.15, ge=0.0, le=1.0)  # 0 = no val split
+    test: float = Field(0.15, ge=0.0, le=1.0)  # 0 = no test split
+    stable: bool = True  # groups in the previous splits.csv keep their split as data grows
     respect_source_split: bool = True  # rows delivered as source_split=test stay in test
 
     @model_validator(mode="after")

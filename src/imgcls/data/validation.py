@@ -18,6 +18,7 @@ GX's unexpected values back into example paths:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,7 @@ _KEYS = {
 }
 
 
-class ValidationError(ImgclsError):
+class DataContractError(ImgclsError):
     """The manifest cannot be validated at all (not a table, wrong types)."""
 
 
@@ -82,7 +83,8 @@ class ValidationResult:
         if self.ok:
             return (
                 f"validation passed: {counts.get('valid', 0)} of {counts.get('rows', 0)} rows "
-                f"valid, {counts.get('quarantined', 0)} quarantined"
+                f"valid, {counts.get('quarantined', 0)} quarantined, "
+                f"{counts.get('warnings', 0)} warning(s)"
             )
         lines = [
             f"validation failed: {len(self.failures)} expectation(s) not met "
@@ -103,7 +105,10 @@ class ValidationResult:
 def validate_manifest(manifest: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
     """Run the data contract on a manifest; never raises for bad data, reports it instead."""
     if not isinstance(manifest, pd.DataFrame):
-        raise ValidationError(f"validate_manifest: expected a DataFrame, got {type(manifest)!r}")
+        raise DataContractError(
+            f"validate_manifest: expected a pandas DataFrame (read the manifest with "
+            f"imgcls.io.read_csv), got {type(manifest).__name__}"
+        )
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     frames = _frames(manifest, cfg, missing)
     checks = _build_checks(cfg, frames, missing)
@@ -219,8 +224,9 @@ def _members(keys: pd.Series, rows: pd.DataFrame) -> dict[Any, dict[str, list[st
     for key, path, label in zip(keys, rows["path"], rows["label"], strict=True):
         entry = out.setdefault(key, {"paths": [], "labels": []})
         entry["paths"].append(str(path))
-        if label is not None and label is not pd.NA and label not in entry["labels"]:
-            entry["labels"].append(str(label))
+        text = _str(label)
+        if text and text not in entry["labels"]:
+            entry["labels"].append(text)
     for entry in out.values():
         entry["paths"].sort()
         entry["labels"].sort()
@@ -252,13 +258,11 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
     return np.unique(out, axis=0) if out.size else out
 
 
-def _same_value_pairs(inverse: np.ndarray) -> np.ndarray:
-    """Pairs linking each index to the first index with the same value (a spanning star)."""
-    order = np.argsort(inverse, kind="stable")
-    first = np.empty(inverse.max() + 1 if inverse.size else 0, dtype=np.int64)
-    first[inverse[order[::-1]]] = order[::-1]  # last write wins: the smallest index
-    leader = first[inverse]
-    idx = np.arange(inverse.size)
+def _same_value_pairs(codes: np.ndarray) -> np.ndarray:
+    """Pairs linking each index to the first index with the same code (a spanning star)."""
+    values, first = np.unique(codes, return_index=True)
+    leader = first[np.searchsorted(values, codes)]
+    idx = np.arange(codes.size)
     keep = leader != idx
     return np.stack([leader[keep], idx[keep]], axis=1)
 
@@ -267,9 +271,7 @@ def _expand_pairs(upairs: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     """Map pairs of unique hashes back to one representative row each (stars do the rest)."""
     if not upairs.size:
         return np.empty((0, 2), dtype=np.int64)
-    first = np.full(inverse.max() + 1, -1, dtype=np.int64)
-    idx = np.arange(inverse.size)
-    first[inverse[::-1]] = idx[::-1]
+    _, first = np.unique(inverse, return_index=True)  # inverse covers 0..len(uniq) - 1
     return np.stack([first[upairs[:, 0]], first[upairs[:, 1]]], axis=1)
 
 
@@ -329,7 +331,7 @@ def _pairs_in_buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(firsts), np.concatenate(seconds)
 
 
-def _brute_force_pairs(uniq: np.ndarray, threshold: int, block: int = 256) -> np.ndarray:
+def _brute_force_pairs(uniq: np.ndarray, threshold: int, block: int = 128) -> np.ndarray:
     """All pairs within `threshold` bits by XOR + popcount in blocks (upper triangle only)."""
     found = []
     for start in range(0, uniq.size, block):
@@ -599,6 +601,9 @@ def _ephemeral_context() -> Any:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # GX pins this one logger to INFO at import ("Created temporary directory ..." on every
+    # run); let it inherit from `great_expectations` again so the application decides.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.NOTSET)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     return context
@@ -621,7 +626,7 @@ def _run_suite(frames: _Frames, checks: list[_Check]) -> list[dict[str, Any]]:
         batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
             batch_parameters={"dataframe": table}
         )
-        result = batch.validate(suite, result_format=_result_format(batch_name))
+        result = batch.validate(suite, result_format=_result_format(batch_name, table.columns))
         for check, res in zip(mine, _ordered(result.results, mine), strict=True):
             outcomes.append(_outcome(check, res.to_json_dict(), frames, len(table)))
     return outcomes
@@ -639,9 +644,11 @@ def _config_key(config: dict[str, Any]) -> str:
     return json.dumps([config["type"], kwargs, str(config.get("severity"))], sort_keys=True)
 
 
-def _result_format(batch_name: str) -> dict[str, Any]:
+def _result_format(batch_name: str, columns: pd.Index) -> dict[str, Any]:
     """Row frames: a few example rows by path; small derived frames: every unexpected key."""
     key = _KEYS[batch_name]
+    if key not in columns:
+        return {"result_format": "SUMMARY"}  # only column-presence checks run then
     if key == "path":
         return {
             "result_format": "SUMMARY",
@@ -717,6 +724,9 @@ def _examples(
     if rows is None or not keys:
         return []
     hit = rows[rows["key"].isin(keys)].sort_values(["key", "path"])
+    if check.batch == "classes":
+        # one example per failing class in turn, so every class listed shows up
+        hit = hit.assign(_turn=hit.groupby("key").cumcount()).sort_values(["_turn", "key"])
     return [
         f"{r.path} (label={r.label!r}{_key_note(check.batch, r.key)})"
         for r in hit.head(MAX_EXAMPLES).itertuples()
@@ -752,7 +762,10 @@ def _problem(check: _Check, out: dict[str, Any], keys: list[Any], frames: _Frame
     if out["unexpected_count"] is not None:
         rows = frames.rows[check.batch]
         n_rows = int(rows["key"].isin(keys).sum())
-        shown = ", ".join(map(str, keys[:MAX_EXAMPLES]))
+        if check.batch == "classes":
+            shown = ", ".join(f"{k} ({frames.class_counts.get(str(k), 0)})" for k in keys)
+        else:
+            shown = ", ".join(map(str, keys[:MAX_EXAMPLES]))
         noun = {"classes": "classes", "sha256": "duplicate sets", "near_duplicates": "clusters"}
         return (
             f"{out['unexpected_count']} of {out['element_count']} {noun[check.batch]} "
