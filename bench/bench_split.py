@@ -93,12 +93,12 @@ def mnist_like(rng: np.random.Generator) -> pd.DataFrame:
     return _frame(labels, [f"data/raw/x/{i:07d}.png" for i in range(n)], rng)
 
 
-def worst_pp(labels: pd.Series, split: pd.Series) -> float:
-    """Worst |share - target| over class x split in percentage points."""
+def worst_pp(labels: pd.Series, split: pd.Series) -> tuple[float, int]:
+    """Worst |share - target| over class x split in pp, and the number of empty class x split."""
     table = pd.crosstab(labels, split).reindex(columns=list(SPLITS), fill_value=0)
     shares = table.div(table.sum(axis=1), axis=0)
     target = pd.Series([CFG.train, CFG.val, CFG.test], index=list(SPLITS))
-    return float((shares - target).abs().to_numpy().max() * 100)
+    return float((shares - target).abs().to_numpy().max() * 100), int((table == 0).sum().sum())
 
 
 def ours(df: pd.DataFrame, seed: int) -> pd.Series:
@@ -145,11 +145,14 @@ SCENARIOS = {
 
 def quality(seeds: int) -> None:
     """Print mean / max worst deviation and mean time per method and scenario."""
-    print("| scenario | rows | groups | method | worst dev pp (mean) | (max) | time s (mean) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| scenario | rows | groups | method | worst dev pp (mean) | (max) "
+        "| empty class x split (total) | time s (mean) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, make in SCENARIOS.items():
         for method, fn in METHODS.items():
-            devs, times = [], []
+            devs, times, empty = [], [], 0
             for seed in range(seeds):
                 df = make(np.random.default_rng(seed))
                 t0 = time.perf_counter()
@@ -157,10 +160,12 @@ def quality(seeds: int) -> None:
                 times.append(time.perf_counter() - t0)
                 groups_ok = split.groupby(df["group"]).nunique().max() == 1
                 assert groups_ok, f"{method} leaked a group"
-                devs.append(worst_pp(df["label"], split))
+                dev, missing = worst_pp(df["label"], split)
+                devs.append(dev)
+                empty += missing
             print(
                 f"| {name} | {len(df)} | {df['group'].nunique()} | {method} | "
-                f"{np.mean(devs):.2f} | {np.max(devs):.2f} | {np.mean(times):.3f} |"
+                f"{np.mean(devs):.2f} | {np.max(devs):.2f} | {empty} | {np.mean(times):.3f} |"
             )
 
 
@@ -178,8 +183,10 @@ def speed() -> None:
     moved = (again["split"].iloc[:63_000] != first["split"]).sum()
     print(f"assign_splits 63k singletons: {t1 - t0:.2f} s")
     print(f"assign_splits 70k with previous (stable, +7k new): {t2 - t1:.2f} s, moved {moved}")
-    print(f"split_report 70k (random pHashes): {t3 - t2:.2f} s, "
-          f"worst dev {report['worst_deviation_pp']} pp")
+    print(
+        f"split_report 70k (random pHashes): {t3 - t2:.2f} s, "
+        f"worst dev {report['worst_deviation_pp']} pp"
+    )
     # Clustered pHashes (many near-identical images, as for small grayscale digits): harder
     # for the band index because buckets get crowded.
     centers = rng.integers(0, 2**63, 2000, dtype=np.int64).astype(np.uint64)

@@ -20,7 +20,9 @@ def main() -> None:
     params = load_params(args.params)
     previous = read_csv(args.splits) if params.split.stable and args.splits.is_file() else None
     splits = assign_splits(read_csv(args.valid), params.split, params.base.seed, previous)
-    report = split_report(splits, params.split)
+    report = split_report(
+        splits, params.split, near_duplicate_threshold=params.validate_.near_duplicate_threshold
+    )
     write_csv(args.splits, splits)
     write_json(args.report, report)
     counts = splits["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)

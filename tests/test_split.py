@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgcls.config import SplitConfig
+from imgcls.config import ConfigError, SplitConfig, parse_params
 from imgcls.data.split import (
     SPLITS,
     WARNINGS_ATTR,
@@ -223,11 +223,12 @@ def test_within_two_points_and_no_worse_than_stratified_group_kfold(seed):
 
 
 def test_mixed_label_groups_are_balanced():
-    """People who each show every class (rock-paper-scissors hands) still split within 2 pp."""
+    """People who each show every class (rock-paper-scissors hands) still split evenly."""
     rng = np.random.default_rng(0)
     hands = [[(lab, int(rng.integers(5, 16)), False) for lab in "abc"] for _ in range(60)]
     out = assign_splits(frame(hands), CFG, seed=0)
-    assert split_report(out, CFG)["worst_deviation_pp"] <= 2.0
+    # Greedy alone gives ~1-2 pp here; the move / swap local search brings it under 0.5 pp.
+    assert split_report(out, CFG)["worst_deviation_pp"] <= 0.5
 
 
 def test_zero_fraction_split_stays_empty():
@@ -256,6 +257,17 @@ def test_stability_through_real_csv_files(tmp_path: Path):
     assert second["split"].iloc[: len(old)].tolist() == first["split"].tolist()
     new_rows = second.iloc[len(old) :]
     assert new_rows["split"].nunique() > 1  # new groups are spread, not dumped into train
+
+
+def test_stable_false_ignores_the_previous_split():
+    """stable: false re-splits from scratch even when handed the previous split."""
+    cfg = SplitConfig(stable=False)
+    df = singletons({"a": 30, "b": 30})
+    previous = df.assign(split=["train", "val", "test"] * 20)
+    fresh = assign_splits(df, cfg, seed=0)
+    again = assign_splits(df, cfg, seed=0, previous=previous)
+    assert again["split"].tolist() == fresh["split"].tolist()
+    assert again["split"].tolist() != previous["split"].tolist()
 
 
 def test_merged_groups_never_move_train_images_out_of_train(caplog):
@@ -426,3 +438,11 @@ def test_near_duplicate_index_matches_brute_force(items, threshold, rnd):
     brute = _brute_pairs(h, s, threshold)
     expected = {(uniq["path"][i], uniq["path"][j]) for i, j in brute.tolist()}
     assert found == expected
+
+
+def test_split_params_are_checked():
+    """Fractions must sum to 1 and train must be positive; the key is named."""
+    with pytest.raises(ConfigError, match=r"split\.train"):
+        parse_params({"split": {"train": 0.0, "val": 0.5, "test": 0.5}})
+    with pytest.raises(ConfigError, match="must be 1.0"):
+        parse_params({"split": {"train": 0.7, "val": 0.2, "test": 0.2}})

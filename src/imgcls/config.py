@@ -215,13 +215,30 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     early_stopping_patience: int | None = Field(None, ge=1)
-    monitor: str = "val_f1_macro"  # metric for best-epoch selection and early stopping
+    # Metric for best-epoch selection and early stopping (loss-like ones are minimised).
+    monitor: Literal[
+        "val_f1_macro",
+        "val_accuracy",
+        "val_loss",
+        "val_precision_macro",
+        "val_recall_macro",
+        "train_loss",
+    ] = "val_f1_macro"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA
+    # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere;
+    # bf16 also works on CPU (fast with AMX / AVX-512 BF16).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # CUDA only
-    compile: bool = False
-    num_workers: int = Field(0, ge=0)
+    compile: bool = False  # torch.compile the model (CUDA: faster after a warm-up)
+    # DataLoader workers when augmenting; auto: spare CPUs per process (0 on a 2-core CPU box).
+    num_workers: int | Literal["auto"] = Field("auto")
     deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _workers(self) -> TrainConfig:
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
+            raise ValueError("train.num_workers must be >= 0 or 'auto'")
+        return self
 
 
 # --------------------------------------------------------------------------- evaluate

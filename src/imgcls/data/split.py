@@ -43,6 +43,7 @@ WARNINGS_ATTR = "split_warnings"  # DataFrame.attrs key: warnings raised while a
 DEVIATION_WARN_PP = 2.0  # the issue's quality target: per-class share within 2 pp of target
 NEAR_DUPLICATE_THRESHOLD = 4  # default pHash Hamming distance for the leakage check
 _REQUIRED = ("label", "group")
+_FIX_PREVIOUS = "delete data/processed/splits.csv or set split.stable: false to split from scratch"
 _MAX_EXAMPLES = 5
 # Local search runs over at most this many free groups (beyond, greedy + water-filling is
 # already within a fraction of a point); pair swaps cost O(groups^2) per step.
@@ -57,14 +58,13 @@ class SplitError(ImgclsError):
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_frame(df: pd.DataFrame, what: str, required: tuple[str, ...]) -> None:
+def _check_frame(df: pd.DataFrame, what: str, required: tuple[str, ...], fix: str) -> None:
     """Raise SplitError if `df` lacks a required column or has blank labels / groups."""
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise SplitError(
             f"{what}: missing column(s) {', '.join(missing)} "
-            f"(has: {', '.join(map(str, df.columns))}); it must be written by the validate stage "
-            "(data/interim/valid.csv)"
+            f"(has: {', '.join(map(str, df.columns))}); {fix}"
         )
     for col in ("label", "group"):
         if col not in required:
@@ -89,10 +89,10 @@ def _column(df: pd.DataFrame, name: str) -> pd.Series:
 # --------------------------------------------------------------------------- grouping
 
 
-def _components(labels_groups: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
+def _components(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-row component id after merging groups that share a sha256, plus names and #merges."""
-    groups = _column(labels_groups, "group").to_numpy()
-    sha = _column(labels_groups, "sha256").to_numpy()
+    groups = _column(df, "group").to_numpy()
+    sha = _column(df, "sha256").to_numpy()
     g_names, g_codes = np.unique(groups, return_inverse=True)
     has_sha = sha != ""
     s_names, s_codes = np.unique(sha[has_sha], return_inverse=True)
@@ -132,14 +132,13 @@ def _order_keys(seed: int, names: np.ndarray) -> np.ndarray:
 
 def _previous_rank(valid: pd.DataFrame, previous: pd.DataFrame) -> np.ndarray:
     """Per-row rank (0 train, 1 val, 2 test, nan new) of the split it had in `previous`."""
-    _check_frame(previous, "previous splits.csv", ("split",))
+    _check_frame(previous, "previous splits.csv", ("split",), _FIX_PREVIOUS)
     split = _column(previous, "split")
     bad = ~split.isin(SPLITS)
     if bad.any():
         raise SplitError(
             f"previous splits.csv: {int(bad.sum())} row(s) with split not in train/val/test "
-            f"(e.g. {split[bad].unique()[:3].tolist()}); delete data/processed/splits.csv or set "
-            "split.stable: false to split from scratch"
+            f"(e.g. {split[bad].unique()[:3].tolist()}); {_FIX_PREVIOUS}"
         )
     rank = split.map(_RANK).astype(float)
     best = np.full(len(valid), np.nan)
@@ -263,6 +262,7 @@ def _pinned_by_coverage(state: _Placement, groups: np.ndarray) -> np.ndarray:
 
 def _improve(state: _Placement, groups: np.ndarray, max_steps: int, swap_limit: int) -> int:
     """Local search: best single move, else best swap, while the squared deviation drops."""
+    groups = groups[np.isin(state.assign[groups], state.eligible)]  # repair may use others
     if len(groups) < 2:
         return 0
     blocked = np.ones(len(SPLITS), dtype=bool)
@@ -357,7 +357,8 @@ def _pin_previous(
         warnings.append(
             f"{int(conflict.sum())} group(s) hold rows that were in different splits in the "
             "previous splits.csv (groups merged since); each was kept whole in the earliest of "
-            "train > val > test, so no image the previous model trained on moves to val/test"
+            "train > val > test, so no image the previous model trained on moves to val/test "
+            "(after changing data.group.by, re-split once with split.stable: false)"
         )
     pinned = ~np.isnan(grp_rank)
     pin = np.where(pinned, np.nan_to_num(grp_rank, nan=0), -1).astype(np.int64)
@@ -436,7 +437,7 @@ def assign_splits(
     valid: pd.DataFrame, cfg: SplitConfig, seed: int, previous: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """Return `valid` plus a `split` column (train/val/test); SplitError on impossible input."""
-    _check_frame(valid, "valid.csv", _REQUIRED)
+    _check_frame(valid, "valid.csv", _REQUIRED, "it is written by the validate stage")
     if len(valid) == 0:
         raise SplitError(
             "valid.csv: no rows to split; every image was quarantined or none was found "
@@ -466,7 +467,7 @@ def assign_splits(
     keys = _order_keys(seed, names)
 
     assign = np.full(n_groups, -1, dtype=np.int64)
-    if previous is not None and len(previous):
+    if previous is not None and len(previous) and cfg.stable:  # stable: false re-splits all
         _pin_previous(valid, previous, comp, frac, assign, warnings)
     n_kept = int((assign >= 0).sum())
     use_source = _pin_source_test(valid, cfg, comp, assign, warnings)
@@ -690,7 +691,7 @@ def split_report(
     splits: pd.DataFrame, cfg: SplitConfig, near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD
 ) -> dict[str, Any]:
     """JSON-able summary: class x split counts, groups, target vs actual shares, leakage checks."""
-    _check_frame(splits, "splits", (*_REQUIRED, "split"))
+    _check_frame(splits, "splits", (*_REQUIRED, "split"), "pass what assign_splits returned")
     counts = _counts(splits)
     use_source = _uses_source(splits, cfg)
     target = _target_shares(counts, cfg, use_source)
@@ -751,6 +752,8 @@ def split_report(
         "worst_deviation_pp": round(worst, 3),
         "worst_deviation_at": {"label": w_label, "split": w_split},
         "worst_deviation_vs_params_pp": round(worst_params, 3),
+        # class x split cells left empty although that split holds other classes
+        "missing_class_splits": int(((counts == 0) & (totals > 0)).to_numpy().sum()),
         "leakage": {
             "no_shared_group": not shared_groups,
             "no_shared_sha256": not shared_sha,
@@ -765,5 +768,6 @@ def split_report(
                 "near_duplicates": [list(p) for p in near[:_MAX_EXAMPLES]],
             },
         },
+        "warning_count": len(warnings),
         "warnings": warnings,
     }
