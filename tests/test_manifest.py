@@ -22,6 +22,7 @@ from imgcls.data.manifest import (
     read_manifest,
 )
 from imgcls.data.sources import SourceError
+from imgcls.errors import ImgclsError
 from imgcls.io import write_csv
 
 
@@ -211,12 +212,14 @@ def test_labels_from_a_csv(tmp_path: Path) -> None:
     with open(labels, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "patient"])
-        w.writerows([
-            ["one.png", "sick", "p1"],
-            ["sub dir/two.png", "well", "p1"],
-            ["three.png", "well", ""],
-            ["gone.png", "sick", "p2"],
-        ])  # fmt: skip
+        w.writerows(
+            [
+                ["one.png", "sick", "p1"],
+                ["sub dir/two.png", "well", "p1"],
+                ["three.png", "well", ""],
+                ["gone.png", "sick", "p2"],
+            ]
+        )
     src = [{"kind": "csv", "path": "labels.csv", "root": "pics"}]
     df = _build(tmp_path, source=src, group={"by": "csv", "column": "patient"})
     rows = _by_name(df)
@@ -241,8 +244,10 @@ def hands(tmp_path: Path) -> Path:
     for label in ("rock", "paper"):
         for hand in ("01", "02"):
             for frame in range(2):
-                fac.png(tmp_path / "hands" / label / f"person{hand}" / f"{label}{hand}-{frame:03d}.png",
-                        seed=int(hand) * 10 + frame)  # fmt: skip
+                fac.png(
+                    tmp_path / "hands" / label / f"person{hand}" / f"{label}{hand}-{frame:03d}.png",
+                    seed=int(hand) * 10 + frame,
+                )
     return tmp_path
 
 
@@ -317,6 +322,11 @@ def test_reingest_reuses_cached_results_keyed_by_size_and_mtime(tmp_path: Path) 
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def test_raw_dir_outside_the_root_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImgclsError, match="outside the repository root"):
+        build_manifest(DataConfig(), tmp_path / "repo", tmp_path / "raw", progress=False)
 
 
 def test_read_manifest_checks_columns(tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
-"""Open one image file safely and describe it: digest, size, mode, format, perceptual hash, error.
+"""Image files in ingest's worker processes: describe one safely, or write generated ones.
 
-This module is what ingest's worker processes import, so it stays light (Pillow, numpy, stdlib):
-no pandas, no torch. Every failure becomes a short `error` reason instead of an exception, so one
-bad file can never stop ingest; the validate stage decides what to do with it.
+`inspect_image` opens one file and describes it: digest, size, mode, format, perceptual hash,
+error. `write_png_chunk` writes generated images (digits, IDX) as PNG files. This module is what
+the worker processes import, so it stays light (Pillow, numpy, stdlib): no pandas, no torch.
+Every decode failure becomes a short `error` reason instead of an exception, so one bad file can
+never stop ingest; the validate stage decides what to do with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 import zlib
 from functools import lru_cache
@@ -24,6 +27,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
 HASH_CHUNK = 1 << 20
+IN_MEMORY_MAX = 32 << 20  # files up to this size are read once into memory
 
 # Empty fields for a file that could not be decoded.
 _UNDECODED: dict[str, Any] = {
@@ -76,8 +80,9 @@ def phash(im: Image.Image) -> str:
     # (64,) lowest frequencies carry the image's structure; rounding removes float noise so a
     # flat image hashes to a stable value instead of to the noise's pattern.
     low = np.round(dct[:8, :8].ravel(), 6)
-    bits = low > np.median(low)
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    ordered = np.sort(low)
+    bits = low > (ordered[31] + ordered[32]) / 2  # the median; np.median is 10x slower here
+    return np.packbits(bits).tobytes().hex()  # first coefficient = most significant bit
 
 
 def _reason(err: BaseException) -> str:
@@ -101,9 +106,9 @@ def _reason(err: BaseException) -> str:
     return f"cannot decode ({type(err).__name__})"
 
 
-def _decode(path: Path) -> dict[str, Any]:
+def _decode(source: Path | io.BytesIO) -> dict[str, Any]:
     """Open, fully decode and EXIF-orient an image; return its visible properties."""
-    with Image.open(path, formats=IMAGE_FORMATS) as im:
+    with Image.open(source, formats=IMAGE_FORMATS) as im:
         fmt = im.format or ""
         im.load()  # decode every pixel now so truncation shows up here, not in training
         # exif_transpose returns the same object when there is nothing to rotate.
@@ -121,9 +126,15 @@ def inspect_image(path: Path | str, max_pixels: int) -> dict[str, Any]:
     """Describe one file: sha256 plus image properties, or an `error` reason; never raises."""
     path = Path(path)
     out: dict[str, Any] = {"sha256": "", **_UNDECODED, "error": ""}
+    source: Path | io.BytesIO = path
     try:
         size = path.stat().st_size
-        out["sha256"] = sha256_file(path)
+        if size <= IN_MEMORY_MAX:  # one read serves both the digest and the decoder
+            data = path.read_bytes()
+            out["sha256"] = hashlib.sha256(data).hexdigest()
+            source = io.BytesIO(data)
+        else:
+            out["sha256"] = sha256_file(path)
     except OSError as err:
         out["error"] = "missing file" if isinstance(err, FileNotFoundError) else _reason(err)
         return out
@@ -138,8 +149,18 @@ def inspect_image(path: Path | str, max_pixels: int) -> dict[str, Any]:
         with warnings.catch_warnings():
             # Pillow only *warns* between 1x and 2x the limit; treat that as the limit too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            out.update(_decode(path))
+            out.update(_decode(source))
     except Exception as err:  # any decoder failure is the file's fault, recorded as data
         out.update(_UNDECODED)
         out["error"] = _reason(err)
     return out
+
+
+def write_png_chunk(folder: Path | str, names: list[str], images: np.ndarray) -> int:
+    """Write uint8 grayscale images (N, H, W) as PNG files `folder/<names[i]>`; return N."""
+    folder = Path(folder)
+    for name, img in zip(names, images, strict=True):
+        out = folder / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(out, format="PNG")
+    return len(names)

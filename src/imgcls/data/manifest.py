@@ -7,6 +7,7 @@ re-ingest of unchanged data only stats the files.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import multiprocessing
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from imgcls.config import DataConfig, GroupConfig
 from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
-from imgcls.data.sources import FoundFile, materialise, resolve_sources
+from imgcls.data.sources import FoundFile, materialise, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
 
@@ -99,16 +100,18 @@ def _cache_meta(cfg: DataConfig) -> dict[str, Any]:
 
 def load_cache(cache_dir: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Earlier per-file results keyed by relative path; empty if missing or made differently."""
-    files, meta_path = cache_dir / "files.csv", cache_dir / "meta.json"
     try:
-        if json.loads(meta_path.read_text(encoding="utf-8")) != meta:
+        if json.loads((cache_dir / "meta.json").read_text(encoding="utf-8")) != meta:
             return {}
-        df = read_csv(files)
-    except (OSError, ValueError, pd.errors.ParserError):
+        # The csv module, not pandas: 70,000 rows as dicts is several times faster this way.
+        with open(cache_dir / "files.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, ValueError, csv.Error):
         return {}
-    df["width"] = df["width"].astype(object).where(df["width"].notna(), None)
-    df["height"] = df["height"].astype(object).where(df["height"].notna(), None)
-    return {r["path"]: r for r in df.to_dict("records")}
+    for row in rows:
+        row["width"] = int(row["width"]) if row.get("width") else None
+        row["height"] = int(row["height"]) if row.get("height") else None
+    return {row["path"]: row for row in rows if row.get("path")}
 
 
 def save_cache(cache_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -124,21 +127,11 @@ def save_cache(cache_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]
 # ----------------------------------------------------------------------------- inspection
 
 
-def _workers(requested: int) -> int:
-    """Worker count: `data.workers`, or the CPUs this process may use when 0."""
-    if requested:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def inspect_all(
-    paths: list[Path], max_pixels: int, workers: int, *, progress: bool = True
+    paths: list[str], max_pixels: int, workers: int, *, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Run :func:`inspect_image` over `paths`, in worker processes when it is worth it."""
-    fn: Callable[[Path], dict[str, Any]] = partial(inspect_image, max_pixels=max_pixels)
+    fn: Callable[[str], dict[str, Any]] = partial(inspect_image, max_pixels=max_pixels)
     bar = partial(
         tqdm,
         total=len(paths),
@@ -160,24 +153,28 @@ def inspect_all(
 # ----------------------------------------------------------------------------- build
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: str, root: str) -> str:
     """POSIX path of `path` relative to the repository root; refuse one outside it."""
-    rel = os.path.relpath(path, root)
+    prefix = root + os.sep
+    if path.startswith(prefix) and os.sep + ".." + os.sep not in path:
+        rel = path[len(prefix) :]  # the common case, ~20x faster than relpath on 70k files
+    else:
+        rel = os.path.relpath(path, root)
     if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
         raise ImgclsError(f"{path}: image is outside the repository root {root}; this is a bug")
-    return Path(rel).as_posix()
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
-def _stat_key(path: Path) -> tuple[int, int] | None:
+def _stat_key(path: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, or None if it cannot be stat'ed."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
 
 
-def _unique(found: Iterable[FoundFile], root: Path) -> list[tuple[str, FoundFile]]:
+def _unique(found: Iterable[FoundFile], root: str) -> list[tuple[str, FoundFile]]:
     """(relative path, file) pairs, dropping a path delivered twice (first source wins)."""
     seen: set[str] = set()
     out = []
@@ -197,10 +194,15 @@ def build_manifest(
     """Materialise every source under raw_dir (a path inside root, normally root/'data/raw') and return the manifest."""  # noqa: E501
     root = Path(os.path.abspath(root))
     raw_dir = Path(os.path.abspath(raw_dir))
+    if os.path.commonpath([root, raw_dir]) != str(root):
+        raise ImgclsError(
+            f"raw data folder {raw_dir} is outside the repository root {root}; manifest paths are "
+            "relative to the root, so pass a folder inside it (normally data/raw)"
+        )
     found: list[FoundFile] = []
     for spec in resolve_sources(cfg, root):
         found += materialise(spec, cfg, root, raw_dir, progress=progress)
-    files = _unique(found, root)
+    files = _unique(found, str(root))
 
     cache_dir = raw_dir / CACHE_DIR
     meta = _cache_meta(cfg)
@@ -221,28 +223,25 @@ def build_manifest(
         log.info(
             "inspecting %d of %d files (%d cached)", len(todo), len(files), len(files) - len(todo)
         )
-        paths = [root / rel for rel in todo]
+        paths = [os.path.join(root, rel) for rel in todo]
         for rel, res in zip(
             todo,
-            inspect_all(paths, cfg.max_image_pixels, _workers(cfg.workers), progress=progress),
+            inspect_all(paths, cfg.max_image_pixels, worker_count(cfg.workers), progress=progress),
             strict=True,
         ):
             info[rel] = res
 
-    rows, cache_rows = [], []
+    columns: dict[str, list[Any]] = {c: [] for c in MANIFEST_COLUMNS}
+    cache_rows = []
     for rel, f in files:
         res = info[rel]
-        error = f.error or res["error"]
-        rows.append(
-            {
-                "path": rel,
-                "label": f.label,
-                "group": group_of(rel, f, f.rule or cfg.group),
-                "source_split": f.source_split,
-                **{c: res[c] for c in INFO_COLUMNS},
-                "error": error,
-            }
-        )
+        columns["path"].append(rel)
+        columns["label"].append(f.label)
+        columns["group"].append(group_of(rel, f, f.rule or cfg.group))
+        columns["source_split"].append(f.source_split)
+        for c in INFO_COLUMNS:
+            columns[c].append(res[c])
+        columns["error"][-1] = f.error or res["error"]
         key = keys[rel]
         if key and not f.error and res["error"] != "missing file":
             cache_rows.append(
@@ -253,10 +252,17 @@ def build_manifest(
                     **{c: res[c] for c in INFO_COLUMNS},
                 }
             )
-    save_cache(cache_dir, meta, cache_rows)
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    for col in ("width", "height"):
-        df[col] = pd.array(df[col].tolist(), dtype="Int64") if len(df) else df[col].astype("Int64")
+    if todo or len(cache_rows) != len(cache):  # nothing new: keep the file, save the write
+        save_cache(cache_dir, meta, cache_rows)
+    df = pd.DataFrame(
+        {
+            c: pd.array(v, dtype="Int64" if c in ("width", "height") else object)
+            for c, v in columns.items()
+        }
+    )
+    for col in MANIFEST_COLUMNS:
+        if col not in ("width", "height"):
+            df[col] = df[col].astype(str)
     bad = int((df["error"] != "").sum())
     log.info("manifest: %d files, %d with errors, %d classes", len(df), bad, df["label"].nunique())
     return df

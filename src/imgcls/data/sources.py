@@ -13,18 +13,20 @@ import csv
 import gzip
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from imgcls.config import DataConfig, GroupConfig, SourceSpec
+from imgcls.data.imageinfo import write_png_chunk
 from imgcls.data.source_archive import archive_stem, extract_archive, is_archive
 from imgcls.data.source_download import download, url_filename
 from imgcls.errors import ImgclsError
@@ -43,6 +45,7 @@ SPLIT_DIRS: dict[str, str] = {
 JUNK_DIRS = frozenset({"__MACOSX", "__pycache__"})  # archive tool droppings, never classes
 DOWNLOADS = "downloads"  # folder under data/raw/ that caches downloaded files
 MARKER = ".imgcls-source.json"  # in a generated folder: what it was generated from
+PARALLEL_WRITE_MIN = 5000  # fewer generated images are written in-process
 GENERATOR_VERSION = 1  # bump when digits / IDX -> PNG writing changes, to regenerate
 
 # ----------------------------------------------------------------------------- presets
@@ -99,7 +102,7 @@ class SourceError(ImgclsError):
 class FoundFile:
     """One image file a source delivered, with what the source says about it."""
 
-    path: Path  # absolute
+    path: str  # absolute (a plain string: 70,000 Path objects cost seconds on re-ingest)
     label: str
     source_split: str = ""  # "", "train", "val" or "test"
     group: str = ""  # from a labels CSV; "" = derive from the group rule
@@ -258,13 +261,18 @@ def data_root(base: Path) -> Path:
         base = subs[0]
 
 
-def _walk_files(folder: Path) -> Iterable[Path]:
+def _walk_files(folder: Path | str) -> Iterable[str]:
     """Every visible file under `folder`, depth-first in sorted order (deterministic manifests)."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
         for name in sorted(filenames):
             if _visible(name):
-                yield Path(dirpath) / name
+                yield os.path.join(dirpath, name)
+
+
+def _extension(path: str) -> str:
+    """Lower-case extension with its dot, or a placeholder for the log when there is none."""
+    return os.path.splitext(path)[1].lower() or "(no extension)"
 
 
 @dataclass
@@ -279,19 +287,20 @@ class ScanResult:
 def _scan_classes(folder: Path, split: str, exts: frozenset[str], out: ScanResult) -> None:
     """Collect images from `folder/<class>/**` (nested folders belong to their top class)."""
     with os.scandir(folder) as it:
-        loose = sorted(Path(e.path) for e in it if e.is_file() and _visible(e.name))
+        loose = sorted(e.path for e in it if e.is_file() and _visible(e.name))
     for path in loose:
-        if path.suffix.lower() in exts:
+        if _extension(path) in exts:
             out.files.append(FoundFile(path, "", split, error="not in a class folder"))
         else:
-            out.skipped[path.suffix.lower() or "(no extension)"] += 1
+            out.skipped[_extension(path)] += 1
     for class_dir in _subdirs(folder):
         before = len(out.files)
+        label = class_dir.name
         for path in _walk_files(class_dir):
-            if path.suffix.lower() in exts:
-                out.files.append(FoundFile(path, class_dir.name, split))
+            if _extension(path) in exts:
+                out.files.append(FoundFile(path, label, split))
             else:
-                out.skipped[path.suffix.lower() or "(no extension)"] += 1
+                out.skipped[_extension(path)] += 1
         if len(out.files) == before:
             out.empty_classes.append(str(class_dir))
 
@@ -319,6 +328,16 @@ def _log_scan(where: Path, scan: ScanResult) -> None:
         log.warning("%s: class folder has no images; it will not appear as a class", folder)
 
 
+def worker_count(requested: int) -> int:
+    """Worker processes to use: `data.workers`, or the CPUs this process may use when 0."""
+    if requested:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _inside(path: Path, root: Path) -> bool:
     """True if `path` is `root` or below it (lexically; no symlinks resolved)."""
     return os.path.commonpath([path, root]) == str(root)
@@ -327,7 +346,8 @@ def _inside(path: Path, root: Path) -> bool:
 def mirror_folder(src: Path, dst: Path) -> None:
     """Make `dst` an up-to-date copy of `src` (hard links where possible; unchanged files kept)."""
     wanted: set[Path] = set()
-    for path in _walk_files(src):
+    for name in _walk_files(src):
+        path = Path(name)
         rel = path.relative_to(src)
         wanted.add(rel)
         out = dst / rel
@@ -342,9 +362,9 @@ def mirror_folder(src: Path, dst: Path) -> None:
             os.link(path, out)
         except OSError:  # another filesystem, or links not allowed: copy (keeps mtime)
             shutil.copy2(path, out)
-    for path in list(_walk_files(dst)):
-        if path.relative_to(dst) not in wanted:
-            path.unlink()
+    for name in list(_walk_files(dst)):
+        if Path(name).relative_to(dst) not in wanted:
+            os.unlink(name)
 
 
 def _local_folder(spec: SourceSpec, path: Path, root: Path, raw_dir: Path) -> Path:
@@ -384,9 +404,9 @@ def read_labels_csv(csv_path: Path, images_root: Path, group_column: str) -> lis
         if not rel:
             log.warning("%s line %d: empty path, row ignored", csv_path, line)
             continue
-        path = Path(os.path.normpath(images_root / rel))
+        path = os.path.normpath(images_root / rel)
         split = SPLIT_DIRS.get(row.get("split", "").lower(), "")
-        error = "" if path.is_file() else "missing file"
+        error = "" if os.path.isfile(path) else "missing file"
         if not row["label"]:
             error = error or "no label"
         files.append(FoundFile(path, row["label"], split, row.get(group_column, ""), error))
@@ -421,24 +441,43 @@ def _generated_is_current(target: Path, fingerprint: dict[str, Any]) -> bool:
     return count == marker.get("files")
 
 
+def _write_all(tmp: Path, names: list[str], images: np.ndarray, workers: int) -> None:
+    """Write the PNGs, in worker processes when there are many (file creation dominates)."""
+    if workers <= 1 or len(names) < PARALLEL_WRITE_MIN:
+        write_png_chunk(tmp, names, images)
+        return
+    step = max(500, len(names) // (workers * 8))
+    ctx = multiprocessing.get_context("spawn")  # see manifest.inspect_all for why not fork
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        jobs = [
+            pool.submit(write_png_chunk, tmp, names[i : i + step], images[i : i + step])
+            for i in range(0, len(names), step)
+        ]
+        for job in jobs:
+            job.result()
+
+
 def write_pngs(
     images: np.ndarray,
     labels: list[str],
     target: Path,
     fingerprint: dict[str, Any],
     splits: list[str] | None = None,
+    workers: int = 1,
 ) -> None:
     """Write uint8 images (N, H, W) as PNGs `<target>/[<split>/]<label>/<index>.png`, atomically."""
     if _generated_is_current(target, fingerprint):
         return
     tmp = target.parent / f".{target.name}.writing"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     width = max(4, len(str(len(images) - 1)))
+    names = [
+        f"{splits[i]}/{label}/{i:0{width}d}.png" if splits else f"{label}/{i:0{width}d}.png"
+        for i, label in enumerate(labels)
+    ]
     try:
-        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-            folder = tmp / splits[i] / label if splits else tmp / label
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, mode="L").save(folder / f"{i:0{width}d}.png", optimize=False)
+        _write_all(tmp, names, images, workers)
         marker = {"fingerprint": fingerprint, "files": len(images)}
         (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
         if target.exists():
@@ -540,7 +579,7 @@ def _fetch_fashion(spec: SourceSpec, raw_dir: Path, progress: bool) -> Path:
     return folder
 
 
-def _idx_source(spec: SourceSpec, root: Path, raw_dir: Path, progress: bool) -> Path:
+def _idx_source(spec: SourceSpec, root: Path, raw_dir: Path, progress: bool, workers: int) -> Path:
     """Write IDX images as PNG files `<name>/<split>/<label>/<index>.png` (once)."""
     if spec.path:
         folder = root / spec.path
@@ -566,7 +605,8 @@ def _idx_source(spec: SourceSpec, root: Path, raw_dir: Path, progress: bool) -> 
         all_labels += names
         all_splits += [split] * len(images)
     log.info("writing %d IDX images as PNG files under %s", len(all_labels), target)
-    write_pngs(np.concatenate(all_images), all_labels, target, fingerprint, all_splits)
+    images = np.concatenate(all_images)
+    write_pngs(images, all_labels, target, fingerprint, all_splits, workers=workers)
     return target
 
 
@@ -616,7 +656,8 @@ def materialise(
         files = _csv_source(spec, cfg, root, raw_dir)
     else:
         if spec.kind == "folder":
-            folder = _local_folder(spec, root / str(spec.path), root, raw_dir)
+            path = Path(os.path.normpath(root / str(spec.path)))
+            folder = _local_folder(spec, path, root, raw_dir)
         elif spec.kind == "archive":
             folder = _archive_source(spec, cfg, root, raw_dir)
         elif spec.kind == "url":
@@ -624,7 +665,7 @@ def materialise(
         elif spec.kind == "digits":
             folder = _digits_source(spec, raw_dir)
         elif spec.kind == "idx":
-            folder = _idx_source(spec, root, raw_dir, progress)
+            folder = _idx_source(spec, root, raw_dir, progress, worker_count(cfg.workers))
         else:  # pragma: no cover - resolve_sources leaves no other kind
             raise SourceError(f"data.source: cannot materialise a source of kind {spec.kind!r}")
         scan = scan_folder(folder, cfg.extensions, spec.split)
