@@ -14,14 +14,9 @@ from PIL import Image
 
 from imgcls.config import ConfigError, ValidateConfig, parse_params
 from imgcls.data.imageinfo import inspect_image
-from imgcls.data.validation import (
-    MANIFEST_COLUMNS,
-    DataContractError,
-    ValidationResult,
-    near_duplicate_pairs,
-    parse_phashes,
-    validate_manifest,
-)
+from imgcls.data.manifest import MANIFEST_COLUMNS
+from imgcls.data.phash import near_duplicate_pairs, parse_phashes
+from imgcls.data.validation import DataContractError, ValidationResult, validate_manifest
 from imgcls.io import read_csv, write_csv
 
 DS = "data/raw/ds"

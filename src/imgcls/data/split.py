@@ -19,7 +19,6 @@ Algorithm (details and rationale in docs/split.md):
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,8 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from imgcls.config import SplitConfig
+from imgcls.data.phash import near_duplicate_pairs as find_pairs
+from imgcls.data.phash import parse_phashes
 from imgcls.errors import ImgclsError
 
 log = logging.getLogger("imgcls.split")
@@ -602,78 +603,26 @@ def _coverage_warnings(splits: pd.DataFrame, cfg: SplitConfig) -> list[str]:
     return notes
 
 
-def _phash_ints(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Parse 16-hex-digit pHashes to uint64; also return the mask of parseable rows."""
-    ok = values.str.fullmatch(r"[0-9a-fA-F]{16}").to_numpy(dtype=bool)
-    ints = np.zeros(len(values), dtype=np.uint64)
-    ints[ok] = np.array([int(h, 16) for h in values[ok]], dtype=np.uint64)
-    return ints, ok
-
-
-def _band_pairs(h: np.ndarray, s: np.ndarray, threshold: int) -> np.ndarray:
-    """Index pairs (i, j) with s[i] < s[j] and Hamming(h[i], h[j]) <= threshold.
-
-    Pigeonhole: split the 64 bits into threshold + 1 bands; two hashes within `threshold` bits
-    agree exactly on at least one band, so only rows sharing a band value are compared.
-    """
-    n_bands = threshold + 1
-    bounds = np.linspace(0, 64, n_bands + 1).astype(int)
-    idx = np.arange(len(h))
-    found = []
-    for lo, hi in itertools.pairwise(bounds):
-        mask = np.uint64((1 << (hi - lo)) - 1)
-        band = ((h >> np.uint64(lo)) & mask).astype(np.int64)
-        table = pd.DataFrame({"k": band, "s": s, "i": idx})
-        for a in range(len(SPLITS)):
-            for b in range(a + 1, len(SPLITS)):
-                pairs = table[table.s == a].merge(table[table.s == b], on="k")
-                if pairs.empty:
-                    continue
-                i, j = pairs["i_x"].to_numpy(), pairs["i_y"].to_numpy()
-                close = np.bitwise_count(h[i] ^ h[j]) <= threshold
-                found.append(np.stack([i[close], j[close]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
-
-
 def near_duplicate_pairs(
     splits: pd.DataFrame, threshold: int = NEAR_DUPLICATE_THRESHOLD
 ) -> list[tuple[str, str, int]]:
     """Cross-split pairs of distinct pHashes within `threshold` bits: (path_a, path_b, distance)."""
     if "phash" not in splits.columns or threshold < 0:
         return []
-    h_all, ok = _phash_ints(_column(splits, "phash"))
-    split_code = _column(splits, "split").map(_RANK)
-    ok = ok & split_code.notna().to_numpy()
+    hashes, ok = parse_phashes(_column(splits, "phash").str.lower())
+    split_code = _column(splits, "split").map(_RANK).to_numpy()[ok]
     paths = _column(splits, "path" if "path" in splits.columns else "group").to_numpy()[ok]
+    known = ~pd.isna(split_code)
     # One representative per (hash, split): identical hashes inside a split add nothing.
-    table = pd.DataFrame({"h": h_all[ok], "s": split_code.to_numpy()[ok].astype(int), "p": paths})
+    table = pd.DataFrame(
+        {"h": hashes[known], "s": split_code[known].astype(int), "p": paths[known]}
+    )
     table = table.drop_duplicates(["h", "s"]).reset_index(drop=True)
-    h, s = table["h"].to_numpy(dtype=np.uint64), table["s"].to_numpy()
-    # Bands narrower than 8 bits would make the buckets huge: compare everything instead.
-    narrow = 64 // (threshold + 1) < 8
-    pairs = _brute_pairs(h, s, threshold) if narrow else _band_pairs(h, s, threshold)
-    p = table["p"].to_numpy()
+    h, s, p = table["h"].to_numpy(dtype=np.uint64), table["s"].to_numpy(), table["p"].to_numpy()
+    pairs = find_pairs(h, threshold)
+    pairs = pairs[s[pairs[:, 0]] != s[pairs[:, 1]]] if len(pairs) else pairs
     dist = np.bitwise_count(h[pairs[:, 0]] ^ h[pairs[:, 1]]) if len(pairs) else []
     return [(str(p[i]), str(p[j]), int(d)) for (i, j), d in zip(pairs.tolist(), dist, strict=True)]
-
-
-def _brute_pairs(h: np.ndarray, s: np.ndarray, threshold: int) -> np.ndarray:
-    """All cross-split pairs within `threshold`, compared block by block (O(n^2))."""
-    found = []
-    for a in range(len(SPLITS)):
-        ia = np.flatnonzero(s == a)
-        for b in range(a + 1, len(SPLITS)):
-            ib = np.flatnonzero(s == b)
-            for start in range(0, len(ia), 1024):
-                blk = ia[start : start + 1024]
-                close = np.bitwise_count(h[blk, None] ^ h[None, ib]) <= threshold  # (blk, |ib|)
-                bi, bj = np.nonzero(close)
-                found.append(np.stack([blk[bi], ib[bj]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.concatenate(found)
 
 
 def _shared(splits: pd.DataFrame, key: str) -> list[str]:

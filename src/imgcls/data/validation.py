@@ -26,29 +26,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from imgcls.data.manifest import MANIFEST_COLUMNS
+from imgcls.data.phash import PHASH_RE, near_duplicate_pairs, parse_phashes, same_value_pairs
 from imgcls.errors import ImgclsError
 
 if TYPE_CHECKING:
     from imgcls.config import ValidateConfig
 
-MANIFEST_COLUMNS = (
-    "path",
-    "label",
-    "group",
-    "source_split",
-    "sha256",
-    "width",
-    "height",
-    "mode",
-    "format",
-    "phash",
-    "error",
-)
 _NOT_NULL_ALL = ("path", "label", "group", "sha256")  # required even for undecodable files
 _NOT_NULL_IMAGES = ("width", "height", "mode", "format", "phash")  # required once decoded
 _SOURCE_SPLITS = ("train", "val", "test")
 _SHA256_RE = r"^[0-9a-f]{64}$"
-_PHASH_RE = r"^[0-9a-f]{16}$"
 MAX_EXAMPLES = 10  # example paths per failed expectation (the issue's "up to ten")
 MAX_LISTED = 1000  # entries per report list; the counts are always complete
 _KEYS = {
@@ -233,117 +221,6 @@ def _members(keys: pd.Series, rows: pd.DataFrame) -> dict[Any, dict[str, list[st
     return out
 
 
-def parse_phashes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Parse 16-hex-char pHashes into uint64; returns (hashes of well-formed rows, their mask)."""
-    s = values.astype("string")
-    ok = s.str.fullmatch(_PHASH_RE).fillna(False).to_numpy(dtype=bool)
-    good = s[ok].str.cat()
-    # big-endian so the first hex char is the most significant nibble, like int(h, 16)
-    hashes = np.frombuffer(bytes.fromhex(good or ""), dtype=">u8").astype(np.uint64)
-    return hashes, ok
-
-
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
-    """All index pairs (i < j) of uint64 hashes at Hamming distance <= threshold, shape (P, 2)."""
-    if threshold < 0 or hashes.size < 2:
-        return np.empty((0, 2), dtype=np.int64)
-    # identical hashes are collapsed first, so a flood of blank images costs nothing extra
-    uniq, inverse = np.unique(hashes, return_inverse=True)
-    pairs = [_same_value_pairs(inverse)]
-    if threshold > 0 and uniq.size > 1:
-        upairs = _close_pairs(uniq, threshold)
-        pairs.append(_expand_pairs(upairs, inverse))
-    out = np.concatenate(pairs)
-    out = np.sort(out, axis=1)
-    return np.unique(out, axis=0) if out.size else out
-
-
-def _same_value_pairs(codes: np.ndarray) -> np.ndarray:
-    """Pairs linking each index to the first index with the same code (a spanning star)."""
-    values, first = np.unique(codes, return_index=True)
-    leader = first[np.searchsorted(values, codes)]
-    idx = np.arange(codes.size)
-    keep = leader != idx
-    return np.stack([leader[keep], idx[keep]], axis=1)
-
-
-def _expand_pairs(upairs: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Map pairs of unique hashes back to one representative row each (stars do the rest)."""
-    if not upairs.size:
-        return np.empty((0, 2), dtype=np.int64)
-    _, first = np.unique(inverse, return_index=True)  # inverse covers 0..len(uniq) - 1
-    return np.stack([first[upairs[:, 0]], first[upairs[:, 1]]], axis=1)
-
-
-def _close_pairs(uniq: np.ndarray, threshold: int) -> np.ndarray:
-    """Pairs of distinct hashes within `threshold` bits: multi-index hashing or blocked brute force.
-
-    Pigeonhole: split 64 bits into threshold + 1 bands; two hashes within `threshold` bits agree
-    exactly on at least one band, so exact-match buckets per band give every candidate pair.
-    """
-    n = uniq.size
-    bands = _bands(threshold)
-    keys = [(uniq >> np.uint64(lo)) & np.uint64((1 << width) - 1) for lo, width in bands]
-    candidates = sum(_pairs_in_buckets_count(k) for k in keys)
-    # a candidate costs several times a brute-force comparison; pick the cheaper plan
-    if candidates * 4 > n * (n - 1) // 2:
-        return _brute_force_pairs(uniq, threshold)
-    found = []
-    for k in keys:
-        a, b = _pairs_in_buckets(k)
-        dist = np.bitwise_count(uniq[a] ^ uniq[b])
-        hit = dist <= threshold
-        found.append(np.stack([a[hit], b[hit]], axis=1))
-    out = np.sort(np.concatenate(found), axis=1)
-    return np.unique(out, axis=0) if out.size else out
-
-
-def _bands(threshold: int) -> list[tuple[int, int]]:
-    """Split 64 bits into threshold + 1 contiguous bands: (lowest bit, width)."""
-    parts = min(threshold + 1, 64)
-    widths = [64 // parts + (1 if i < 64 % parts else 0) for i in range(parts)]
-    starts = np.cumsum([0, *widths[:-1]])
-    return [(int(s), w) for s, w in zip(starts, widths, strict=True)]
-
-
-def _pairs_in_buckets_count(keys: np.ndarray) -> int:
-    """How many pairs share a key."""
-    _, counts = np.unique(keys, return_counts=True)
-    return int((counts * (counts - 1) // 2).sum())
-
-
-def _pairs_in_buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair of indices that share a key, without a Python loop over buckets."""
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    active = np.flatnonzero(sk[:-1] == sk[1:])  # sorted positions i whose key equals i + 1's
-    firsts, seconds = [], []
-    step = 1
-    while active.size:
-        firsts.append(order[active])
-        seconds.append(order[active + step])
-        step += 1
-        # sorted keys: if i matches i + step it matched every position in between too
-        active = active[active + step < sk.size]
-        active = active[sk[active] == sk[active + step]]
-    if not firsts:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    return np.concatenate(firsts), np.concatenate(seconds)
-
-
-def _brute_force_pairs(uniq: np.ndarray, threshold: int, block: int = 128) -> np.ndarray:
-    """All pairs within `threshold` bits by XOR + popcount in blocks (upper triangle only)."""
-    found = []
-    for start in range(0, uniq.size, block):
-        rows = uniq[start : start + block]
-        rest = uniq[start:]
-        dist = np.bitwise_count(rows[:, None] ^ rest[None, :])  # (block, n - start)
-        i, j = np.nonzero(dist <= threshold)
-        keep = j > i  # upper triangle: each pair once, no self-pairs
-        found.append(np.stack([start + i[keep], start + j[keep]], axis=1))
-    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
-
-
 def _near_duplicate_pairs(phash: pd.Series, threshold: int) -> np.ndarray:
     """Near-duplicate pairs as positions into `phash` (rows with malformed hashes skipped)."""
     hashes, ok = parse_phashes(phash)
@@ -363,7 +240,7 @@ def _components(images: pd.DataFrame, near: np.ndarray) -> np.ndarray:
         codes = pd.factorize(images[col])[0]  # nulls get -1 and link to nothing
         known = np.flatnonzero(codes >= 0)
         if known.size:
-            edges.append(known[_same_value_pairs(codes[known])])
+            edges.append(known[same_value_pairs(codes[known])])
     e = np.concatenate(edges)
     if not e.size:
         return np.arange(n)
@@ -552,7 +429,7 @@ def _image_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
         ),
         _Check(
             "images",
-            gxe.ExpectColumnValuesToMatchRegex(column="phash", regex=_PHASH_RE),
+            gxe.ExpectColumnValuesToMatchRegex(column="phash", regex=PHASH_RE),
             "`phash` is a 16-char lowercase hex 64-bit perceptual hash",
             "rebuild the manifest with `dvc repro ingest`",
         ),
