@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -34,6 +36,182 @@ def _cmd_params(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
 
 
+def _cmd_retrain(args: argparse.Namespace) -> None:
+    """The CI retrain job: detect change, pull, repro, metric gate, push, commit, report."""
+    from imgcls.retrain import RetrainConfig, retrain
+
+    cfg = RetrainConfig(
+        root=Path.cwd(),
+        base=args.base,
+        max_drop=args.max_drop,
+        metric=args.metric,
+        metrics_file=args.metrics_file,
+        data_stage=args.data_stage,
+        report=Path(args.report),
+        validation_report=args.validation_report,
+        confusion_image=args.confusion_image,
+        run_file=args.run_file,
+        remote=args.remote,
+        push=not args.no_push,
+        commit=not args.no_commit,
+    )
+    result = retrain(cfg)
+    print(
+        f"retrain: done; report in {args.report}"
+        + (f", commit {result.commit}" if result.commit else "")
+    )
+
+
+def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
+    """`imgcls retrain` and its options (defaults match dvc.yaml's paths)."""
+    p = sub.add_parser(
+        "retrain",
+        help="CI retrain job: pull, dvc repro, metric gate, dvc push, commit dvc.lock, report",
+        description="Run what .github/workflows/retrain.yml runs, against any DVC remote: "
+        "detect changed data, `dvc pull`, `dvc repro`, fail if the test metric drops more than "
+        "--max-drop below the base ref's committed value, else `dvc push` and commit dvc.lock "
+        "+ metrics with [skip ci]. See docs/ci.md.",
+    )
+    p.add_argument("--base", default="main", help="git ref with the baseline metrics (main)")
+    p.add_argument("--max-drop", type=float, default=0.02, help="allowed metric drop (0.02)")
+    p.add_argument(
+        "--metric", default="f1_macro", help="gate metric key (f1_macro = test macro-F1)"
+    )
+    p.add_argument("--metrics-file", default="metrics/eval.json", help="(metrics/eval.json)")
+    p.add_argument("--remote", help="DVC remote name (default: the default remote)")
+    p.add_argument("--no-push", action="store_true", help="do not `dvc push`")
+    p.add_argument("--no-commit", action="store_true", help="do not commit dvc.lock + metrics")
+    p.add_argument("--report", default="reports/retrain.md", help="Markdown report file")
+    p.add_argument("--data-stage", default="ingest", help="stage that reads the tracked data")
+    p.add_argument("--validation-report", default="reports/validation.md")
+    p.add_argument("--confusion-image", default="reports/figures/confusion_matrix.png")
+    p.add_argument("--run-file", default="models/run.json", help="MLflow run id file")
+    p.set_defaults(func=_cmd_retrain)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --model-uri, shared by predict and export."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--model",
+        type=Path,
+        help="model file written by the train stage (default: models/model.pt)",
+    )
+    g.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="an MLflow model instead: runs:/<run_id>/model or models:/<name>/<version>",
+    )
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    """Predict files / folders / globs and print or write a table, CSV or JSON."""
+    from imgcls import predict
+    from imgcls.io import write_csv, write_json, write_text
+
+    fmt = args.format or _format_from_suffix(args.output)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = None if args.model_uri else (args.model or Path("models/model.pt"))
+    predictor = predict.load_predictor(model, args.model_uri, args.device)
+    preds = predict.predict_paths(
+        predictor,
+        args.paths,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    k = min(args.top_k, len(predictor.classes))
+    if fmt == "csv":
+        frame = predict.to_frame(preds, k)
+        text = None if args.output else frame.to_csv(index=False)
+        if args.output:
+            write_csv(args.output, frame)
+    elif fmt == "json":
+        records = predict.to_records(preds)
+        text = None if args.output else json.dumps(records, indent=2) + "\n"
+        if args.output:
+            write_json(args.output, records)
+    else:
+        text = predict.format_table(preds)
+        if args.output:
+            write_text(args.output, text)
+            text = None
+    if text is not None:
+        sys.stdout.write(text)
+    failed = sum(p.error is not None for p in preds)
+    if failed == len(preds):
+        raise predict.PredictError(f"none of the {len(preds)} inputs could be predicted")
+    if failed:
+        print(
+            f"imgcls predict: {failed} of {len(preds)} inputs failed (see their error rows)",
+            file=sys.stderr,
+        )
+    elif args.output:
+        print(f"imgcls predict: {len(preds)} predictions -> {args.output}", file=sys.stderr)
+
+
+def _format_from_suffix(output: Path | None) -> str:
+    """csv / json from the output file's suffix, else the readable table."""
+    suffix = output.suffix.lower() if output else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "table")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    """Export to ONNX or TorchScript and check it against PyTorch."""
+    from imgcls import export
+    from imgcls.predict import load_predictor
+
+    model = None if args.model_uri else (args.model or Path("models/model.pt"))
+    predictor = load_predictor(model, args.model_uri, "cpu")
+    out = args.output or export.default_output(model or Path("models/model.pt"), args.format)
+    export.export_model(predictor.model, predictor.meta, args.format, out)
+    if args.no_verify:
+        print(f"imgcls export: {args.format} model -> {out} (not verified)")
+        return
+    diff = export.verify_export(predictor.model, out, args.format)
+    print(f"imgcls export: {args.format} model -> {out} (max |p - p_torch| = {diff:.1e})")
+
+
+def _add_predict_export_parsers(sub: argparse._SubParsersAction) -> None:
+    """`imgcls predict` and `imgcls export` (see docs/predict.md)."""
+    p = sub.add_parser(
+        "predict",
+        help="predict image files, folders or globs with a trained model",
+        description="Predict images with the trained model; preprocessing (size, channels, "
+        "normalisation, class names) comes from the model itself. See docs/predict.md.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, globs ('**')")
+    _model_args(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (3)")
+    p.add_argument("--format", choices=["table", "csv", "json"], help="default: from --output")
+    p.add_argument("--output", "-o", type=Path, help="write here instead of stdout (atomic)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (default: up to 4)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: torch's, one per core)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser(
+        "export",
+        help="export the model to ONNX or TorchScript (uint8 images in, probabilities out)",
+        description="Export the trained model with its metadata; the export is checked against "
+        "PyTorch (max probability difference 1e-4). See docs/predict.md.",
+    )
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    _model_args(p)
+    p.add_argument(
+        "--output", "-o", type=Path, help="default: models/model.onnx / models/model.torchscript.pt"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     ap = argparse.ArgumentParser(
@@ -49,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="validate params.yaml and print the resolved values")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.set_defaults(func=_cmd_params)
+    _add_retrain_parser(sub)
+    _add_predict_export_parsers(sub)
     return ap
 
 
