@@ -1,0 +1,342 @@
+"""Serve a trained model with MLflow: a pyfunc model that takes images, returns probabilities.
+
+Exception to "tracking.py is the only module importing mlflow": an MLflow pyfunc model *is* an
+MLflow class, and `mlflow models serve` must import it from a module of its own. Run lifecycle
+and tracking-store policy stay in tracking.py; this module only logs / loads models.
+
+The logged model holds `models/model.pt` as an artifact and decodes every image with
+:func:`imgcls.data.dataset.load_image`, so a served request is preprocessed exactly like the
+evaluation split. It is stored as "models from code" (a two-line script that builds
+:class:`ImgclsServingModel`), so loading it never unpickles anything; the serving environment
+needs imgcls installed (`mlflow models serve --env-manager local` from the project venv).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from imgcls.data.dataset import load_image
+from imgcls.errors import ImgclsError
+from imgcls.models.bundle import load_bundle
+from imgcls.predict import decode_error
+
+MODEL_ARTIFACT = "model_file"  # key of the bundle in the pyfunc model's artifacts
+IMAGE_KEYS = ("image", "images", "image_base64", "b64")  # accepted dict keys / column names
+_CODE = (
+    "# imgcls serving model (MLflow models-from-code): MLflow runs this to build the model.\n"
+    "import mlflow.models\n"
+    "from imgcls.serving import ImgclsServingModel\n"
+    "mlflow.models.set_model(ImgclsServingModel())\n"
+)
+
+
+class ServingError(ImgclsError):
+    """A request the serving model cannot read, or a model URI that cannot be loaded."""
+
+
+# ---------------------------------------------------------------------- decoding requests
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 (optionally a `data:image/...;base64,` URL) -> bytes; raises ValueError."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64 (send the image file's bytes, base64-encoded)") from None
+
+
+def image_from_bytes(data: bytes, size: int, channels: int) -> np.ndarray:
+    """An image file's bytes -> (size, size, channels) uint8, decoded like training."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        return load_image(io.BytesIO(data), size, channels)  # type: ignore[arg-type]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(decode_error(err)) from None
+
+
+def image_from_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Decoded pixels (H, W), (H, W, 1|3|4), values 0-255 -> (size, size, channels) uint8."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "uif" or arr.size == 0:
+        raise ValueError(f"an image array must hold numbers 0-255, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}"
+        )
+    if arr.dtype != np.uint8:
+        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
+            raise ValueError("image array values must be uint8 pixels in 0-255")
+        if np.any(arr != np.round(arr)):
+            raise ValueError("image array values must be whole numbers (uint8 pixels 0-255)")
+        arr = arr.astype(np.uint8)
+    if (arr.shape == (size, size) and channels == 1) or arr.shape == (size, size, channels):
+        return arr.reshape(size, size, channels)  # already what the model takes: no resampling
+    # Any other size / channel count goes through the same decoder as files (PNG is lossless).
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return image_from_bytes(buf.getvalue(), size, channels)
+
+
+def request_items(model_input: Any) -> list[Any]:
+    """Split a request into one item per image: bytes, base64 text, or a pixel array.
+
+    Accepts what `mlflow models serve` hands over for `{"inputs": ...}`, `{"instances": ...}` and
+    `{"dataframe_records" / "dataframe_split": ...}` bodies, and what `pyfunc.predict` gets
+    in-process: a uint8 batch (B, H, W, C), one image (H, W[, C]), a list of images, base64
+    strings or file bytes, a DataFrame / dict with an `image` column.
+    """
+    if isinstance(model_input, pd.DataFrame):
+        cols = [c for c in model_input.columns if str(c) in IMAGE_KEYS]
+        if not cols and len(model_input.columns) != 1:
+            raise ServingError(
+                f"DataFrame input needs a column named one of {IMAGE_KEYS}; got "
+                f"{[str(c) for c in model_input.columns]}"
+            )
+        return list(model_input[cols[0] if cols else model_input.columns[0]])
+    if isinstance(model_input, Mapping):
+        keys = [k for k in model_input if str(k) in IMAGE_KEYS]
+        if not keys and len(model_input) != 1:
+            raise ServingError(
+                f"dict input needs one of the keys {IMAGE_KEYS}; got {list(model_input)}"
+            )
+        return request_items(model_input[keys[0] if keys else next(iter(model_input))])
+    if isinstance(model_input, str | bytes):
+        return [model_input]
+    if isinstance(model_input, torch.Tensor):
+        model_input = model_input.cpu().numpy()
+    if isinstance(model_input, list | tuple):
+        if all(isinstance(x, str | bytes) for x in model_input):
+            return list(model_input)
+        try:
+            model_input = np.asarray(model_input)
+        except ValueError:  # ragged: images of different sizes
+            return list(model_input)
+        if model_input.dtype == object:
+            return list(model_input)
+    if isinstance(model_input, np.ndarray):
+        return _array_items(model_input)
+    raise ServingError(
+        f"cannot read a request of type {type(model_input).__name__}; send uint8 image arrays "
+        "or base64-encoded image files (see docs/predict.md, 'Serving')"
+    )
+
+
+def _array_items(arr: np.ndarray) -> list[Any]:
+    """Numeric (B, H, W, C) / (H, W, C) / (H, W) or 1-D string arrays -> one item per image."""
+    if arr.dtype.kind in "USO":
+        return list(arr.reshape(-1))
+    if arr.ndim == 4:
+        return list(arr)  # (B, H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        return [arr]  # one (H, W, C) image
+    if arr.ndim == 3:
+        return list(arr)  # (B, H, W) grayscale batch
+    if arr.ndim == 2:
+        return [arr]
+    raise ServingError(f"cannot read an image array of shape {arr.shape}; send (B, H, W, C)")
+
+
+def decode_item(item: Any, size: int, channels: int) -> np.ndarray:
+    """One request item -> (size, size, channels) uint8; raises ValueError with the reason."""
+    if isinstance(item, str):
+        return image_from_bytes(decode_base64(item), size, channels)
+    if isinstance(item, bytes | bytearray):
+        return image_from_bytes(bytes(item), size, channels)
+    return image_from_array(np.asarray(item), size, channels)
+
+
+# ---------------------------------------------------------------------- the pyfunc model
+
+
+class ImgclsServingModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: images -> [{label, probability, probabilities, error}, ...] per image."""
+
+    # Requests mix base64 strings, bytes and arrays of any shape: MLflow's type-hint schema
+    # validation would reject them before `predict` could, and warns about hints it cannot use.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context: Any) -> None:
+        """Load the bundle; device from `model_config={"device": ...}` (default CPU)."""
+        config = context.model_config or {}
+        self.device = torch.device(config.get("device") or "cpu")
+        clf, meta = load_bundle(context.artifacts[MODEL_ARTIFACT])
+        self.clf = clf.to(self.device).eval()
+        self.meta = meta
+
+    def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
+        """Class probabilities per image; an unreadable image gets its own `error`."""
+        # Inputs deliberately unannotated: MLflow infers a signature from hints at log time.
+        classes = list(self.meta["classes"])
+        size, channels = int(self.meta["image_size"]), int(self.meta["channels"])
+        rows: list[dict[str, Any]] = []
+        good: list[np.ndarray] = []
+        for item in request_items(model_input):
+            try:
+                good.append(decode_item(item, size, channels))
+                rows.append({})
+            except ValueError as err:
+                rows.append({"label": None, "probability": None, "probabilities": None})
+                rows[-1]["error"] = str(err)
+        probs = self._probs(np.stack(good)) if good else np.zeros((0, len(classes)))
+        it = iter(probs)
+        for row in rows:
+            if not row:
+                p = next(it)
+                best = int(p.argmax())
+                row.update(
+                    label=classes[best],
+                    probability=float(p[best]),
+                    probabilities={c: float(v) for c, v in zip(classes, p, strict=True)},
+                    error=None,
+                )
+        return rows
+
+    @torch.no_grad()
+    def _probs(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, S, S, C) uint8 -> (N, K) float probabilities."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+            out.append(self.clf(x.to(self.device)).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------- logging / loading
+
+
+def _pip_requirements() -> list[str]:
+    """What the served model imports (imgcls itself must be installed in the serving env)."""
+    from importlib.metadata import version
+
+    names = ("torch", "timm", "mlflow", "numpy", "pandas", "pillow")
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def log_serving_model(
+    model_path: Path,
+    run_id: str,
+    tracking_uri: str,
+    registered_name: str | None = None,
+    *,
+    name: str = "serving",
+) -> str:
+    """Log `model_path` as a servable pyfunc model into an existing run; returns its model URI.
+
+    The run keeps its status (RUNNING stays RUNNING for the evaluate stage). With
+    `registered_name`, the model is also registered as a new version of that name, so
+    `mlflow models serve -m models:/<name>/<version>` serves it.
+    """
+    model_path = Path(model_path)
+    _, meta = load_bundle(model_path)  # fail here, not at serve time, on a bad model file
+    mlflow.set_tracking_uri(tracking_uri)
+    status = mlflow.tracking.MlflowClient(tracking_uri).get_run(run_id).info.status
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "imgcls_serving_model.py"
+        code.write_text(_CODE, encoding="utf-8")
+        mlflow.start_run(run_id=run_id)
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(code),
+                artifacts={MODEL_ARTIFACT: str(model_path)},
+                metadata={**meta, "imgcls_input": "uint8 arrays or base64-encoded image files"},
+                pip_requirements=_pip_requirements(),
+                registered_model_name=registered_name,
+            )
+        finally:
+            mlflow.end_run(status=status)  # ending as FINISHED would close the pipeline's run
+    return info.model_uri
+
+
+def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`runs:/...` or `models:/...` -> (uint8 (B, H, W, C) -> probabilities module, meta).
+
+    Reads either the serving model logged here (its `model.pt` artifact) or the train stage's
+    `mlflow.pytorch` model (a torch.export program; meta from the logged model's metadata).
+    """
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    # A per-file download bar for a local model only clutters `imgcls predict`'s output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        mlmodel = Model.load(str(local))
+    except Exception as err:  # mlflow raises many types for a bad URI / unreachable store
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise ServingError(
+            f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check the "
+            "URI (runs:/<run_id>/model or models:/<name>/<version>) and MLFLOW_TRACKING_URI"
+        ) from None
+    artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
+    rel = artifacts.get(MODEL_ARTIFACT, {}).get("path")
+    if rel and (local / rel).is_file():
+        return load_bundle(local / rel)
+    if "pytorch" not in mlmodel.flavors:
+        raise ServingError(f"{uri}: neither an imgcls serving model nor an mlflow.pytorch model")
+    meta = dict(mlmodel.metadata or {})
+    missing = [k for k in ("classes", "image_size", "channels") if k not in meta]
+    if missing:
+        raise ServingError(
+            f"{uri}: the logged model's metadata lacks {missing}; it was not logged by imgcls's "
+            "train stage. Use --model models/model.pt instead"
+        )
+    from mlflow import pytorch as mlflow_pytorch
+
+    # An exported program is already in eval mode (and refuses `.eval()`).
+    program = mlflow_pytorch.load_model(str(local))
+    batch = static_batch_size(program)
+    return (program if batch is None else FixedBatch(program, batch)), meta
+
+
+def static_batch_size(program: torch.nn.Module) -> int | None:
+    """The batch size an exported program was specialised to, or None if it is dynamic."""
+    graph = getattr(program, "graph", None)
+    for node in graph.nodes if graph is not None else []:
+        if node.op == "placeholder" and "val" in node.meta:
+            dim = node.meta["val"].shape[0]
+            return dim if isinstance(dim, int) else None
+    return None
+
+
+class FixedBatch(torch.nn.Module):
+    """Run a program exported for one batch size on chunks of that size.
+
+    Models logged with a 1-sample input example were exported with the batch dimension fixed
+    to 1 (torch.export specialises size-1 dims); they still predict, chunk by chunk.
+    """
+
+    def __init__(self, program: torch.nn.Module, batch: int) -> None:
+        super().__init__()
+        self.program = program
+        self.batch = batch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8 -> (B, K): pads the last chunk by repeating its first image."""
+        out = []
+        for i in range(0, len(images), self.batch):
+            chunk = images[i : i + self.batch]  # (b, H, W, C), b <= batch
+            n = len(chunk)
+            if n < self.batch:
+                chunk = torch.cat([chunk, chunk[:1].expand(self.batch - n, *chunk.shape[1:])])
+            out.append(self.program(chunk)[:n])
+        return torch.cat(out)
