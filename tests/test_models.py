@@ -1,14 +1,40 @@
 """Every registered model builds, runs and learns; timm names share the registry."""
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
 from imgcls.models import ModelError, create_model, list_custom_models
 
 TIMM_SAMPLE = ["resnet18", "mobilenetv3_small_050", "efficientnet_b0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache and a hub endpoint where nothing listens: offline, deterministically."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connections are refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "hf"
 
 
 def _one_step_lowers_loss(model: torch.nn.Module, in_chans: int, size: int) -> None:
@@ -84,3 +110,58 @@ def test_pretrained_missing_file_and_wrong_arch(tmp_path: Path) -> None:
     torch.save({"foo": torch.zeros(3)}, path)
     with pytest.raises(ModelError, match="no tensor matches"):
         create_model("mlp", in_chans=1, num_classes=2, image_size=8, pretrained_path=path)
+
+
+def test_pretrained_offline_fails_fast_with_advice(offline_hub: Path) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="model.pretrained_path") as info:
+        create_model("resnet18", in_chans=3, num_classes=2, image_size=32, pretrained=True)
+    assert time.perf_counter() - t0 < 10  # huggingface_hub alone retries for ~50 s
+    assert "resnet18" in str(info.value) and ".safetensors" in str(info.value)
+    with pytest.raises(ModelError, match="no published weights"):
+        create_model("simple_cnn", in_chans=1, num_classes=2, image_size=16, pretrained=True)
+
+
+def _donor(name: str) -> torch.nn.Module:
+    """A timm model as published: 3 input channels, 1000 classes."""
+    torch.manual_seed(1)
+    return timm.create_model(name, pretrained=False)
+
+
+@pytest.mark.parametrize("source", ["hub-cache", "file.safetensors", "file.pth"])
+def test_timm_pretrained_weights_offline(offline_hub: Path, tmp_path: Path, source: str) -> None:
+    name = "mobilenetv3_small_050"
+    donor = _donor(name)
+    state = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    kwargs: dict = {}
+    if source == "hub-cache":  # what an earlier online download leaves behind
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+        entry = offline_hub / f"models--{repo.replace('/', '--')}"
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text("0123abc")
+        (entry / "snapshots" / "0123abc").mkdir(parents=True)
+        save_file(state, str(entry / "snapshots" / "0123abc" / "model.safetensors"))
+        kwargs["pretrained"] = True
+    else:
+        path = tmp_path / f"weights.{source.split('.')[1]}"
+        if path.suffix == ".pth":
+            torch.save(state, path)
+        else:
+            save_file(state, str(path))
+        kwargs["pretrained_path"] = path
+    model = create_model(name, in_chans=1, num_classes=3, image_size=32, **kwargs)
+    # timm adapts the RGB stem to one channel (sums the filters) and keeps a fresh 3-class head.
+    expected = donor.conv_stem.weight.sum(dim=1, keepdim=True)
+    assert torch.allclose(model.conv_stem.weight, expected, atol=1e-5)
+    assert model.get_classifier().out_features == 3
+    assert torch.isfinite(model.eval()(torch.randn(2, 1, 32, 32))).all()
+
+
+def test_timm_pretrained_path_of_another_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "lenet.safetensors"
+    donor = create_model("lenet5", in_chans=1, num_classes=3, image_size=16)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    with pytest.raises(ModelError, match="cannot load it into timm model"):
+        create_model(
+            "mobilenetv3_small_050", in_chans=1, num_classes=3, image_size=32, pretrained_path=path
+        )

@@ -6,11 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from imgcls.config import Params, TrainConfig, parse_params
+from imgcls.config import ConfigError, Params, TrainConfig, parse_params
 from imgcls.data.augment import AugmentError, build_transform
+from imgcls.data.dataset import DecodeError, decode_images
+from imgcls.io import read_csv
 from imgcls.models.bundle import load_bundle, save_bundle
+from imgcls.training.batches import epoch_permutation, make_batches, rank_batches, set_epoch
+from imgcls.training.ema import ModelEma
 from imgcls.training.run import load_split_data, train_model
-from imgcls.training.trainer import TrainingError, make_optimizer, make_scheduler, select_device
+from imgcls.training.trainer import (
+    TrainingError,
+    make_optimizer,
+    make_runtime,
+    make_scheduler,
+    per_process_batch,
+    select_device,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train fastest on one thread, above all on a shared, loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(**train) -> Params:
@@ -61,16 +81,33 @@ def test_model_bundle_round_trip(pattern_splits: tuple[Path, Path], tmp_path: Pa
     assert meta2["classes"] == meta["classes"]
 
 
+def test_parallel_decode_matches_serial_and_names_broken_files(
+    pattern_splits: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, splits = pattern_splits
+    df = read_csv(splits)
+    serial = decode_images(df, root, 12, 1, tmp_path / "a", workers=1, progress=False)
+    parallel = decode_images(df, root, 12, 1, tmp_path / "b", workers=2, progress=False)
+    assert serial.shape == (90, 12, 12, 1)
+    assert np.array_equal(serial, parallel)
+    broken = df["path"][50]
+    (root / broken).write_bytes(b"not a png any more")
+    with pytest.raises(DecodeError, match=broken):
+        decode_images(df, root, 12, 1, tmp_path / "c", workers=2, progress=False)
+    assert not list((tmp_path / "c").iterdir())  # no half-filled cache file left behind
+
+
 class _Crash(Exception):
     pass
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_resume_matches_uninterrupted_run(
-    pattern_splits: tuple[Path, Path], tmp_path: Path
+    pattern_splits: tuple[Path, Path], tmp_path: Path, ema_decay: float | None
 ) -> None:
     root, splits = pattern_splits
     data = load_split_data(splits, root, 16, "auto", root / "cache", progress=False)
-    params = _params(epochs=4, deterministic=True)
+    params = _params(epochs=4, deterministic=True, ema_decay=ema_decay)
     full, _ = train_model(params, data, checkpoint_path=tmp_path / "full.pt", progress=False)
 
     def crash_after_two(epoch: int, row: dict) -> None:
@@ -88,7 +125,10 @@ def test_resume_matches_uninterrupted_run(
     assert len(resumed.history) == 4
     for a, b in zip(resumed.history, full.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[k].float(), v.float(), atol=1e-6), k
 
 
 def test_changed_config_starts_fresh(pattern_splits: tuple[Path, Path], tmp_path: Path) -> None:
@@ -155,3 +195,107 @@ def test_augment_entries_are_validated() -> None:
         with pytest.raises(AugmentError, match=message) as info:
             build_transform(params.augment.train)
         assert "augment.train[0]" in str(info.value)
+
+
+def test_ema_averages_weights_with_warmup() -> None:
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEma(model, decay=0.99)
+    assert ema.current_decay() == pytest.approx(0.1)  # warmup: early updates follow the model
+    start = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, start + 0.9)  # moved 1 - 0.1 of the way
+    for _ in range(2000):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(0.99)
+    assert torch.allclose(ema.module.weight, model.weight, atol=1e-4)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    clone = ModelEma(torch.nn.Linear(3, 2), decay=0.99)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.updates == ema.updates and torch.equal(clone.module.weight, ema.module.weight)
+
+
+def test_ema_weights_are_validated_and_kept(pattern_splits: tuple[Path, Path]) -> None:
+    root, splits = pattern_splits
+    data = load_split_data(splits, root, 16, "auto", root / "cache", progress=False)
+    plain, _ = train_model(
+        _params(epochs=3, deterministic=True), data, checkpoint_path=None, progress=False
+    )
+    ema, meta = train_model(
+        _params(epochs=3, deterministic=True, ema_decay=0.95),
+        data,
+        checkpoint_path=None,
+        progress=False,
+    )
+    assert meta["weights"] == "ema"
+    # Same training trajectory, different (averaged) weights for validation and the result.
+    assert [h["train_loss"] for h in ema.history] == pytest.approx(
+        [h["train_loss"] for h in plain.history]
+    )
+    assert [h["val_loss"] for h in ema.history] != pytest.approx(
+        [h["val_loss"] for h in plain.history]
+    )
+    assert not torch.equal(
+        ema.model.state_dict()["0.0.weight"], plain.model.state_dict()["0.0.weight"]
+    )
+
+
+def test_ranks_share_the_global_batches() -> None:
+    n, batch = 23, 8
+    single = list(rank_batches(epoch_permutation(n, shuffle=True, seed=5), batch, 0, 1))
+    order = epoch_permutation(n, shuffle=True, seed=5, world=2)
+    assert len(order) == 24  # padded by wrapping so both ranks take equal steps
+    r0 = list(rank_batches(order, batch, 0, 2))
+    r1 = list(rank_batches(order, batch, 1, 2))
+    assert len(r0) == len(r1) == len(single) == 3
+    for a, b, whole in zip(r0, r1, single, strict=True):
+        assert len(a) == len(b)
+        assert set(a.tolist()) | set(b.tolist()) >= set(whole.tolist())
+    assert not torch.equal(order, epoch_permutation(n, shuffle=True, seed=6, world=2))
+
+
+def test_augmented_batches_do_not_depend_on_workers() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 12, 12, 1), dtype=np.uint8)
+    labels = np.arange(40) % 3
+    params = parse_params(
+        {"augment": {"train": [{"name": "Affine", "rotate": [-30, 30], "p": 1.0}]}}
+    )
+    transform = build_transform(params.augment.train)
+
+    def epoch(workers: int, epoch: int) -> list[torch.Tensor]:
+        batches = make_batches(
+            images,
+            labels,
+            transform,
+            16,
+            shuffle=True,
+            device=torch.device("cpu"),
+            num_workers=workers,
+        )
+        set_epoch(batches, 7, epoch)
+        return [x.contiguous() for x, _ in batches]
+
+    first = epoch(0, 0)
+    assert [x.shape for x in first] == [(16, 1, 12, 12), (16, 1, 12, 12), (8, 1, 12, 12)]
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(0, 0), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(2, 0), strict=True))
+    assert not torch.equal(first[0], epoch(0, 1)[0])
+
+
+def test_precision_and_batch_checks() -> None:
+    cpu = torch.device("cpu")
+    assert make_runtime(TrainConfig(precision="bf16"), cpu).autocast_dtype == torch.bfloat16
+    assert make_runtime(TrainConfig(), cpu).autocast_dtype is None
+    assert not make_runtime(TrainConfig(channels_last=True), cpu).channels_last
+    assert make_runtime(TrainConfig(precision="bf16"), cpu).channels_last
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
+        make_runtime(TrainConfig(precision="fp16"), cpu)
+    assert per_process_batch(64, 4) == 16
+    with pytest.raises(TrainingError, match="multiple of 3"):
+        per_process_batch(64, 3)
+    with pytest.raises(ConfigError, match="train.monitor"):
+        parse_params({"train": {"monitor": "val_f1"}})
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        parse_params({"train": {"num_workers": -1}})

@@ -228,11 +228,14 @@ class TrainConfig(Strict):
     # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere;
     # bf16 also works on CPU (fast with AMX / AVX-512 BF16).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory format on CUDA (and on CPU with bf16)
     compile: bool = False  # torch.compile the model (CUDA: faster after a warm-up)
     # DataLoader workers when augmenting; auto: spare CPUs per process (0 on a 2-core CPU box).
     num_workers: int | Literal["auto"] = Field("auto")
     deterministic: bool = False
+    # CPU only: torch threads for training (None: one per core). On a CPU shared with other
+    # jobs, fewer threads than cores often trains faster.
+    cpu_threads: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _workers(self) -> TrainConfig:

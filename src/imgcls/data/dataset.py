@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from imgcls.errors import ImgclsError
 from imgcls.io import atomic_path
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
@@ -54,10 +55,26 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return arr.reshape(size, size, channels)
 
 
-def _load_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
-    """Worker: decode a chunk of files into one (n, S, S, C) array."""
-    paths, size, channels = args
-    return np.stack([load_image(Path(p), size, channels) for p in paths])
+class DecodeError(ImgclsError):
+    """An image listed in splits.csv that can no longer be read."""
+
+
+def _load_chunk(args: tuple[str, int, list[str], int, int]) -> int:
+    """Worker: decode a chunk of files straight into rows `start:` of the cache file."""
+    target, start, paths, size, channels = args
+    block = np.empty((len(paths), size, size, channels), np.uint8)
+    for j, p in enumerate(paths):
+        try:
+            block[j] = load_image(Path(p), size, channels)
+        except (OSError, ValueError, SyntaxError) as err:  # Pillow's ways of saying "broken"
+            raise DecodeError(
+                f"{p}: cannot decode ({type(err).__name__}: {err}); the file changed after "
+                "validation? re-run `dvc repro` from ingest"
+            ) from None
+    out = np.load(target, mmap_mode="r+")  # (N, S, S, C): each worker writes its own rows
+    out[start : start + len(paths)] = block
+    out.flush()
+    return len(paths)
 
 
 def cache_key(df: pd.DataFrame, size: int, channels: int) -> str:
@@ -84,26 +101,28 @@ def decode_images(
     if target.is_file():
         return np.load(target, mmap_mode="r")
     paths = [str(root / p) for p in df["path"]]
-    chunk = 512
-    jobs = [(paths[i : i + chunk], size, channels) for i in range(0, len(paths), chunk)]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    workers = workers or os.cpu_count() or 1
+    # Small chunks keep every worker busy to the end; each writes into the memory-mapped file,
+    # so no decoded pixels travel back through a pipe and memory stays flat for big datasets.
+    chunk = max(64, min(1024, len(paths) // (workers * 8) or 1))
     bar = tqdm(
         total=len(paths), desc="decode", unit="img", disable=None if progress else True, leave=False
     )
-    parts: list[np.ndarray] = []
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            parts.append(_load_chunk(job))
-            bar.update(len(job[0]))
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(_load_chunk, jobs):
-                parts.append(part)
-                bar.update(len(part))
+    with atomic_path(target) as tmp:
+        np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, channels)
+        ).flush()
+        jobs = [
+            (str(tmp), i, paths[i : i + chunk], size, channels) for i in range(0, len(paths), chunk)
+        ]
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(_load_chunk(job))
+        else:
+            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                for n in pool.map(_load_chunk, jobs):
+                    bar.update(n)
     bar.close()
-    images = np.concatenate(parts) if parts else np.zeros((0, size, size, channels), np.uint8)
-    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, images)
     return np.load(target, mmap_mode="r")
 
 
@@ -117,7 +136,12 @@ def channel_stats(images: np.ndarray, max_images: int = 20_000) -> tuple[list[fl
 
 
 class ImageArrayDataset(Dataset):
-    """Items are (uint8 tensor (C, S, S), int label); augmentation runs on HWC uint8 arrays."""
+    """Items are (uint8 tensor (C, S, S), int label); augmentation runs on HWC uint8 arrays.
+
+    A DataLoader with a batch sampler of `(index, seed)` pairs gets whole batches from
+    :meth:`__getitems__`: the augmentation is seeded once per batch (so it does not depend on
+    the number of workers) and the batch is stacked without a collate step.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
         self.images = images
@@ -127,9 +151,32 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = np.asarray(self.images[i])  # (S, S, C) uint8
+    def image(self, i: int) -> np.ndarray:
+        """One (S, S, C) uint8 image, augmented if there is a transform."""
+        img = np.asarray(self.images[i])
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (C, S, S)
+        return img
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(self.image(i).transpose(2, 0, 1)))  # (C, S, S)
         return x, self.labels[i]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[(index, batch_seed), ...] -> (B, C, S, S) uint8 with NHWC strides, (B,) labels."""
+        index = [i for i, _ in items]
+        if self.transform is not None and items:
+            self.transform.set_random_seed(items[0][1])
+        first = self.image(index[0])
+        out = np.empty((len(index), *first.shape), np.uint8)  # (B, S, S, C)
+        out[0] = first
+        for j in range(1, len(index)):
+            img = self.image(index[j])
+            if img.shape != first.shape:
+                raise ValueError(
+                    f"augmentation produced images of shapes {first.shape} and {img.shape} in one "
+                    "batch; end augment.train with a fixed-size transform (e.g. Resize)"
+                )
+            out[j] = img
+        x = torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, C, S, S) view: no copy
+        return x, self.labels[torch.as_tensor(index)]

@@ -78,16 +78,26 @@ def simple_cnn(
     num_classes: int,
     image_size: int,
     widths: Sequence[int] = (32, 64, 128),
-    convs_per_stage: int = 2,
+    convs_per_stage: int | Sequence[int] = 2,
     dropout: float = 0.2,
 ) -> nn.Module:
-    """VGG-style stages of 3x3 conv-BN-ReLU, max-pool between stages, global average pool."""
+    """VGG-style stages of 3x3 conv-BN-ReLU, max-pool between stages, global average pool.
+
+    `convs_per_stage` is one number for every stage or one per stage (e.g. `[1, 2, 2]`: a
+    single conv at full resolution, where convs cost the most).
+    """
+    if isinstance(convs_per_stage, int):
+        convs_per_stage = [convs_per_stage] * len(widths)
+    if len(convs_per_stage) != len(widths) or min(convs_per_stage, default=1) < 1:
+        raise TypeError(
+            f"convs_per_stage {list(convs_per_stage)} needs one count >= 1 per width {list(widths)}"
+        )
     layers: list[nn.Module] = []
     cin = in_chans
-    for i, w in enumerate(widths):
+    for i, (w, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if i > 0:
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        for _ in range(convs_per_stage):
+        for _ in range(convs):
             layers.append(_conv_bn(cin, w))
             cin = w
     layers += [

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from imgcls.training.distributed import all_reduce_sum
+
 
 class Preprocess(nn.Module):
     """uint8 (B, C, H, W) -> float normalised with the training set's per-channel mean / std."""
@@ -50,7 +52,8 @@ class Runtime:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Move a uint8 batch to the device (non-blocking from pinned memory)."""
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)  # batches from workers arrive with NHWC strides
 
 
 @dataclass
@@ -79,26 +82,35 @@ def train_one_epoch(
     *,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    on_step: Callable[[nn.Module], None] | None = None,
+    on_step: Callable[[], None] | None = None,
     progress: tqdm | None = None,
+    check_every: int = 1,
 ) -> EpochStats:
-    """One pass over the training batches; the loss is checked for NaN / inf every step."""
+    """One pass over the training batches; NaN / inf losses are caught before they are stepped.
+
+    The finiteness check reads the loss on the host, which stalls a GPU's queue; on CUDA it
+    therefore runs every `check_every` steps (non-finite losses in between are remembered on the
+    device). With several processes the flag is reduced so that every rank stops together.
+    """
     model.train()
     t0 = time.perf_counter()
     total_loss = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    bad = torch.zeros((), device=rt.device, dtype=torch.bool)
     seen = 0
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(prep(x))  # (B, K)
             loss = loss_fn(logits, y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} after {seen} images")
+        bad |= ~torch.isfinite(loss.detach())
+        if step % check_every == 0 and bool(all_reduce_sum(bad.float()) > 0):
+            raise NonFiniteLossError(f"the loss is not finite (after {seen + len(y)} images)")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            if grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         else:
             loss.backward()
         if grad_clip:
@@ -111,7 +123,7 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         if on_step is not None:
-            on_step(model)
+            on_step()
         n = y.shape[0]
         # Accumulate on device: a .item() per step would force a sync on CUDA.
         total_loss += loss.detach().float() * n
@@ -127,13 +139,19 @@ def train_one_epoch(
                     img_s=f"{seen / max(elapsed, 1e-9):.0f}",
                     refresh=False,
                 )
+    if bool(all_reduce_sum(bad.float()) > 0):
+        raise NonFiniteLossError(f"the loss became non-finite in the last {check_every} steps")
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    # Sums over every rank (a no-op for one process); the slowest rank sets the pace.
+    count = torch.tensor(float(seen), device=rt.device)
+    sums = torch.stack([total_loss.double(), correct.double(), count.double()])
+    loss_sum, n_correct, n_seen = all_reduce_sum(sums).tolist()
     return EpochStats(
-        loss=total_loss.item() / max(seen, 1),
-        accuracy=correct.item() / max(seen, 1),
-        images=seen,
+        loss=loss_sum / max(n_seen, 1),
+        accuracy=n_correct / max(n_seen, 1),
+        images=int(n_seen),
         seconds=seconds,
     )
 

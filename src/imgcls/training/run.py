@@ -18,8 +18,16 @@ from imgcls.data.dataset import cache_key, channel_stats, decode_images, infer_c
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv
 from imgcls.models.registry import create_model
+from imgcls.training import distributed
+from imgcls.training.distributed import Dist
 from imgcls.training.loop import Preprocess
-from imgcls.training.trainer import EpochCallback, FitResult, fit, seed_everything
+from imgcls.training.trainer import (
+    EpochCallback,
+    FitResult,
+    fit,
+    seed_everything,
+    select_device,
+)
 
 
 @dataclass
@@ -72,7 +80,9 @@ def config_hash(params: Params, data_key: str) -> str:
     """What a checkpoint must match to be resumed: data, model, augmentation, training, seed."""
     relevant = {k: params.to_dict()[k] for k in ("base", "model", "augment", "train")}
     relevant["train"] = {
-        k: v for k, v in relevant["train"].items() if k not in {"num_workers", "device"}
+        k: v
+        for k, v in relevant["train"].items()
+        if k not in {"num_workers", "device", "cpu_threads"}
     }
     blob = json.dumps({"params": relevant, "data": data_key}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -85,24 +95,34 @@ def train_model(
     checkpoint_path: Path | None,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> tuple[FitResult, dict[str, Any]]:
-    """Build the configured model and fit it on the train split, validating on val."""
+    """Build the configured model and fit it on the train split, validating on val.
+
+    With several processes (`dist`, from torchrun) every rank calls this; only rank 0 logs,
+    calls `on_epoch_end` and writes the checkpoint.
+    """
     cfg = params.train
+    dist = dist or Dist()
     seed_everything(params.base.seed, cfg.deterministic)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("val")
     if len(train_y) == 0:
         raise ImgclsError("the train split is empty; check split fractions in params.yaml")
     mean, std = channel_stats(train_x)
-    net = create_model(
-        params.model.name,
-        in_chans=data.channels,
-        num_classes=len(data.classes),
-        image_size=cfg.image_size,
-        pretrained=params.model.pretrained,
-        pretrained_path=params.model.pretrained_path,
-        **params.model.kwargs,
-    )
+    distributed.setup(dist, select_device(cfg.device))
+    with distributed.main_first(dist):  # one download into the hub cache, not one per rank
+        net = create_model(
+            params.model.name,
+            in_chans=data.channels,
+            num_classes=len(data.classes),
+            image_size=cfg.image_size,
+            pretrained=params.model.pretrained,
+            pretrained_path=params.model.pretrained_path,
+            **params.model.kwargs,
+        )
+    if dist.rank:  # same initial weights on every rank, but each draws its own dropout masks
+        seed_everything(params.base.seed + dist.rank, cfg.deterministic)
     transform = build_transform(params.augment.train, "augment.train")
     result = fit(
         net,
@@ -117,6 +137,7 @@ def train_model(
         config_hash=config_hash(params, data.key),
         on_epoch_end=on_epoch_end,
         progress=progress,
+        dist=dist,
     )
     meta = {
         "arch": params.model.name,
@@ -131,6 +152,7 @@ def train_model(
         "best_epoch": result.best_epoch,
         "monitor": cfg.monitor,
         "monitor_value": result.best_value,
+        "weights": "ema" if cfg.ema_decay else "trained",  # which weights the best epoch kept
         "imgcls_version": imgcls.__version__,
     }
     return result, meta

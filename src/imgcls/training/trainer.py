@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,15 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from imgcls.config import TrainConfig
-from imgcls.data.dataset import ImageArrayDataset
 from imgcls.errors import ImgclsError
-from imgcls.training import checkpoint
+from imgcls.training import checkpoint, distributed
+from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
+from imgcls.training.distributed import Dist, gather_objects, gather_rows
+from imgcls.training.ema import ModelEma
 from imgcls.training.loop import (
     NonFiniteLossError,
     Preprocess,
@@ -61,11 +65,16 @@ def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
         if wanted == "bf16" and not torch.cuda.is_bf16_supported():
             wanted = "fp16"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Runtime(
-        device=device,
-        autocast_dtype=dtype,
-        channels_last=cfg.channels_last and device.type == "cuda",
-    )
+    elif cfg.precision == "bf16":
+        dtype = torch.bfloat16  # CPU autocast: pays off on CPUs with AMX / AVX-512 BF16
+    elif cfg.precision == "fp16":
+        raise TrainingError(
+            f"train.precision fp16 needs a CUDA GPU (device is {device.type}); "
+            "use bf16 or fp32 (auto)"
+        )
+    # NHWC pays off on CUDA, and on CPU only with bf16 (oneDNN's AMX kernels want it).
+    nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=cfg.channels_last and nhwc)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -101,67 +110,6 @@ def make_scheduler(
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class TensorBatches:
-    """Shuffled mini-batches sliced straight from an in-memory uint8 tensor (no per-item Python)."""
-
-    def __init__(
-        self, images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, pin: bool
-    ) -> None:
-        self.x = torch.from_numpy(
-            np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
-        )  # (N, C, S, S)
-        self.y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        if pin:
-            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.generator = torch.Generator()
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for i in range(0, n, self.batch_size):
-            if order is None:
-                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
-            else:
-                idx = order[i : i + self.batch_size]
-                yield self.x[idx], self.y[idx]
-
-
-def make_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    transform: Any,
-    cfg: TrainConfig,
-    *,
-    shuffle: bool,
-    device: torch.device,
-) -> TensorBatches | DataLoader:
-    """Fast tensor slicing without augmentation; a DataLoader with workers when augmenting."""
-    pin = device.type == "cuda"
-    if transform is None or len(transform) == 0:
-        return TensorBatches(images, labels, cfg.batch_size, shuffle, pin)
-    ds = ImageArrayDataset(images, labels, transform)
-    return DataLoader(
-        ds,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
-        num_workers=cfg.num_workers,
-        pin_memory=pin,
-        persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator(),
-    )
-
-
-def _reseed(batches: TensorBatches | DataLoader, transform: Any, seed: int, epoch: int) -> None:
-    """Per-epoch seeds make a resumed run shuffle and augment exactly like an uninterrupted one."""
-    batches.generator.manual_seed(seed * 1000 + epoch)
-    if transform is not None and len(transform):
-        transform.set_random_seed(seed * 1000 + epoch)
 
 
 def classification_scores(
@@ -203,6 +151,52 @@ def _better(value: float, best: float, monitor: str) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
+def per_process_batch(batch_size: int, world: int) -> int:
+    """`train.batch_size` is the global batch: split it evenly over the processes."""
+    if batch_size % world:
+        raise TrainingError(
+            f"train.batch_size {batch_size} is the global batch and must divide evenly over "
+            f"{world} processes; use a multiple of {world}"
+        )
+    return batch_size // world
+
+
+@dataclass
+class _Resume:
+    """What a usable checkpoint restores."""
+
+    epoch: int
+    state: dict[str, Any]
+
+
+def _read_checkpoint(
+    path: Path | None, config_hash: str, epochs: int, say: Callable[..., None]
+) -> _Resume | None:
+    """The checkpoint to resume from, or None; either way the log says which and why."""
+    if path is None:
+        return None
+    if not path.is_file():
+        say("no checkpoint at %s: starting fresh", path)
+        return None
+    try:
+        state = checkpoint.load(path)
+    except Exception as err:  # a foreign or damaged file must not block a fresh start
+        say("checkpoint %s is unreadable (%s): starting fresh", path, type(err).__name__)
+        return None
+    if state.get("config_hash") != config_hash:
+        say(
+            "checkpoint %s was written for other data or params (model / augment / train / seed):"
+            " starting fresh",
+            path,
+        )
+        return None
+    if state.get("complete") or state["epoch"] >= epochs:
+        say("checkpoint %s is from a finished run: starting fresh", path)
+        return None
+    say("resuming from %s: %d of %d epochs already done", path, state["epoch"], epochs)
+    return _Resume(int(state["epoch"]), state)
+
+
 def fit(
     model: nn.Module,
     prep: Preprocess,
@@ -217,64 +211,114 @@ def fit(
     config_hash: str = "",
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> FitResult:
-    """Train `model`, validating every epoch; resume a checkpoint of the same config."""
-    device = select_device(cfg.device)
+    """Train `model`, validating every epoch; resume a checkpoint of the same config.
+
+    With several processes (`dist`), every rank trains on its share of each global batch under
+    DDP, validation predictions are gathered so that every rank computes the same metrics (and
+    takes the same early-stopping decision), and only rank 0 logs and writes the checkpoint.
+    """
+    dist = dist or Dist()
+    device = distributed.setup(dist, select_device(cfg.device))
     rt = make_runtime(cfg, device)
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    if device.type == "cuda":
+        # cuDNN autotuning picks the fastest kernels for our fixed input size; TF32 speeds up
+        # whatever still runs in fp32. Both are off when bit-for-bit repeatability is asked for.
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.set_float32_matmul_precision("highest" if cfg.deterministic else "high")
+    say = log.info if dist.is_main else _quiet
     model.to(device)
     prep.to(device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_batches = make_batches(*train_data, train_transform, cfg, shuffle=True, device=device)
-    val_batches = make_batches(*val_data, None, cfg, shuffle=False, device=device)
+    workers = cfg.num_workers
+    if workers == "auto":
+        workers = auto_workers(device, dist.world_size)
+    train_batches = make_batches(
+        *train_data,
+        train_transform,
+        per_process_batch(cfg.batch_size, dist.world_size),
+        shuffle=True,
+        device=device,
+        num_workers=workers,
+        rank=dist.rank,
+        world=dist.world_size,
+    )
+    rows = shard_rows(len(val_data[1]), dist.rank, dist.world_size)
+    val_batches = make_batches(
+        np.asarray(val_data[0])[rows],
+        np.asarray(val_data[1])[rows],
+        None,
+        cfg.batch_size,
+        shuffle=False,
+        device=device,
+        num_workers=0,
+    )
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = torch.compile(model) if cfg.compile else model
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+    train_net: nn.Module = model
+    if dist.enabled:
+        # 1-channel convs give gradients whose strides DDP's buckets do not expect: harmless.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        train_net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_net = torch.compile(train_net)
+    # Validation runs on the plain model (DDP would try to sync buffers) or on the EMA copy.
+    eval_net: nn.Module = ema.module if ema else train_net if not dist.enabled else model
+    # Host-side NaN checks stall the GPU's queue, so CUDA checks every few steps.
+    check_every = 25 if device.type == "cuda" else 1
     monitor = cfg.monitor.removeprefix("val_")
     minimise = cfg.monitor.endswith("loss")
     best_value = math.inf if minimise else -math.inf
     best_epoch, start_epoch, history = 0, 0, []
     best_state = copy.deepcopy(model.state_dict())
 
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        state = checkpoint.load(checkpoint_path)
-        if state.get("config_hash") != config_hash:
-            log.warning("checkpoint %s is from a different config; starting fresh", checkpoint_path)
-        elif state["epoch"] >= cfg.epochs or state.get("complete"):
-            log.info("checkpoint %s is from a finished run; starting fresh", checkpoint_path)
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start_epoch, history = state["epoch"], state["history"]
-            best_value, best_epoch, best_state = (
-                state["best_value"],
-                state["best_epoch"],
-                state["best_state"],
-            )
-            checkpoint.set_rng_state(state["rng"])
-            log.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
-
     patience_left = cfg.early_stopping_patience
+    resume = _read_checkpoint(checkpoint_path, config_hash, cfg.epochs, say)
+    if resume is not None:
+        state = resume.state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        start_epoch, history = resume.epoch, state["history"]
+        best_value, best_epoch, best_state = (
+            state["best_value"],
+            state["best_epoch"],
+            state["best_state"],
+        )
+        patience_left = state.get("patience_left", patience_left)
+        per_rank = state.get("rng_per_rank") or []
+        checkpoint.set_rng_state(
+            per_rank[dist.rank] if len(per_rank) == dist.world_size else state["rng"]
+        )
+
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
-        _reseed(train_batches, train_transform, seed, epoch)
+        set_epoch(train_batches, seed, epoch)
         bar = tqdm(
-            total=len(train_data[1]),
+            total=math.ceil(len(train_data[1]) / dist.world_size),  # this rank's images
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="img",
-            disable=None if progress else True,
+            disable=None if progress and dist.is_main else True,
             leave=False,
             dynamic_ncols=True,
         )
         lr = optimizer.param_groups[0]["lr"]
         try:
             stats = train_one_epoch(
-                step_model,
+                train_net,
                 prep,
                 train_batches,
                 optimizer,
@@ -283,7 +327,9 @@ def fit(
                 rt,
                 grad_clip=cfg.grad_clip,
                 scaler=scaler,
+                on_step=(lambda: ema.update(model)) if ema else None,
                 progress=bar,
+                check_every=check_every,
             )
         except NonFiniteLossError as err:
             raise TrainingError(
@@ -293,7 +339,10 @@ def fit(
             ) from None
         finally:
             bar.close()
-        val_logits, val_labels = predict_logits(step_model, prep, val_batches, rt)
+        val_logits, val_labels = predict_logits(eval_net, prep, val_batches, rt)
+        if len(val_labels) == 0:
+            val_logits = np.zeros((0, num_classes), np.float32)
+        val_logits, val_labels = gather_rows(val_logits), gather_rows(val_labels)
         val = classification_scores(val_logits, val_labels, num_classes)
         row = {
             "epoch": epoch + 1,
@@ -309,13 +358,13 @@ def fit(
         improved = _better(value, best_value, cfg.monitor)
         if improved:
             best_value, best_epoch = value, epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy((ema.module if ema else model).state_dict())
             patience_left = cfg.early_stopping_patience
         elif patience_left is not None:
             patience_left -= 1
-        log.info(
+        say(
             "epoch %d/%d  train_loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %s %.4f%s"
-            "  %.0f img/s",
+            "  %.0f img/s  %.1fs",
             epoch + 1,
             cfg.epochs,
             stats.loss,
@@ -326,30 +375,37 @@ def fit(
             value,
             " *" if improved else "",
             stats.images_per_s,
+            stats.seconds,
         )
         stop = patience_left is not None and patience_left <= 0
         if checkpoint_path is not None:
-            checkpoint.save(
-                checkpoint_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "best_value": best_value,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                    "rng": checkpoint.rng_state(),
-                    "config_hash": config_hash,
-                    "complete": stop or epoch + 1 == cfg.epochs,
-                },
-            )
-        if on_epoch_end is not None:
+            rng_per_rank = gather_objects(checkpoint.rng_state())  # collective: every rank
+            if dist.is_main:
+                checkpoint.save(
+                    checkpoint_path,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "ema": ema.state_dict() if ema else None,
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "best_value": best_value,
+                        "best_epoch": best_epoch,
+                        "best_state": best_state,
+                        "patience_left": patience_left,
+                        "rng": rng_per_rank[0],
+                        "rng_per_rank": rng_per_rank if dist.enabled else None,
+                        "world_size": dist.world_size,
+                        "config_hash": config_hash,
+                        "complete": stop or epoch + 1 == cfg.epochs,
+                    },
+                )
+        if on_epoch_end is not None and dist.is_main:
             on_epoch_end(epoch + 1, row)
         if stop:
-            log.info(
+            say(
                 "early stopping: %s did not improve for %d epochs",
                 cfg.monitor,
                 cfg.early_stopping_patience,
@@ -360,6 +416,10 @@ def fit(
     return FitResult(model, history, best_epoch, float(best_value), stopped_early, start_epoch)
 
 
+def _quiet(*_: Any) -> None:
+    """Logger stand-in for ranks other than 0."""
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed every RNG; optionally ask torch for deterministic kernels."""
     import random
@@ -368,5 +428,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuBLAS is only repeatable with a fixed workspace; must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
+    # Set both ways: a process may train twice (tests, notebooks) with different settings.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

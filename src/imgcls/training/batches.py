@@ -1,0 +1,198 @@
+"""Mini-batches for one process of a (possibly distributed) run.
+
+Every rank draws the same global permutation from a per-epoch seed, cuts it into global batches
+of `train.batch_size` and takes its strided share of each batch. One process and N processes
+therefore see the same global batches, and a resumed run sees the same batches as an
+uninterrupted one. Augmentation is seeded per batch from (epoch seed, batch, rank), so it does
+not depend on the number of DataLoader workers either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from imgcls.data.dataset import ImageArrayDataset
+
+# Splits up to this size are sliced straight from one in-memory tensor (no DataLoader overhead);
+# bigger ones stream from the memory-mapped cache through DataLoader workers.
+IN_MEMORY_BYTES = 4 * 1024**3
+# On CUDA a split this small lives on the GPU itself: batches are then sliced without any copy.
+ON_DEVICE_BYTES = 2 * 1024**3
+
+
+def epoch_permutation(n: int, *, shuffle: bool, seed: int, world: int = 1) -> torch.Tensor:
+    """The global sample order of one epoch, padded by wrapping to a multiple of `world`.
+
+    Padding lets every rank run the same number of equally sized steps (DDP needs that); with
+    one process nothing is padded.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(n)
+    if world > 1 and n % world:
+        order = torch.cat([order, order[: world - n % world]])
+    return order
+
+
+def num_batches(n: int, global_batch: int, world: int = 1) -> int:
+    """Steps per epoch for `n` samples (after padding to a multiple of `world`)."""
+    padded = n + (-n) % world if world > 1 else n
+    return math.ceil(padded / global_batch)
+
+
+def rank_batches(
+    order: torch.Tensor, global_batch: int, rank: int, world: int
+) -> Iterator[torch.Tensor]:
+    """Cut `order` into global batches and yield this rank's strided share of each."""
+    for i in range(0, len(order), global_batch):
+        yield order[i : i + global_batch][rank::world]
+
+
+def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """Evaluation shard of a rank: every `world`-th row, no padding (results are gathered)."""
+    return np.arange(rank, n, world)
+
+
+class TensorBatches:
+    """Mini-batches sliced straight from an in-memory uint8 tensor (no per-item Python)."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if device is not None and device.type == "cuda" and x.nbytes <= ON_DEVICE_BYTES:
+            x, y = x.to(device), y.to(device)  # (N, C, S, S) uint8 on the GPU: no per-step copy
+        self.x, self.y = x, y  # (N, C, S, S) uint8, (N,) int64
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.rank, self.world = rank, world
+        self.seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed of the next epoch's permutation (the same on every rank)."""
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return num_batches(len(self.y), self.batch_size * self.world, self.world)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.shuffle and self.world == 1:  # contiguous slices are views: no copy
+            for i in range(0, len(self.y), self.batch_size):
+                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+            return
+        order = epoch_permutation(
+            len(self.y), shuffle=self.shuffle, seed=self.seed, world=self.world
+        ).to(self.x.device)
+        for idx in rank_batches(order, self.batch_size * self.world, self.rank, self.world):
+            yield self.x[idx], self.y[idx]
+
+
+class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's batches as `[(index, batch_seed), ...]` for ImageArrayDataset.__getitems__."""
+
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.rank, self.world = rank, world
+        self.seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed of the next epoch's permutation and augmentation."""
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return num_batches(self.n, self.batch_size * self.world, self.world)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_permutation(self.n, shuffle=self.shuffle, seed=self.seed, world=self.world)
+        batches = rank_batches(order, self.batch_size * self.world, self.rank, self.world)
+        for b, idx in enumerate(batches):
+            seq = np.random.SeedSequence([self.seed, b, self.rank])
+            batch_seed = int(seq.generate_state(1)[0])
+            yield [(i, batch_seed) for i in idx.tolist()]
+
+
+def _already_batched(batch: Any) -> Any:
+    """collate_fn for ImageArrayDataset.__getitems__, which returns whole batches."""
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    """Workers already run in parallel: keep OpenCV from starting a thread pool in each."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def auto_workers(device: torch.device, world: int = 1) -> int:
+    """DataLoader workers for `train.num_workers: auto`: the CPUs left over per process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = max(1, (cpus or 1) // world)
+    if device.type == "cpu":
+        # On CPU the model competes with the workers for the same cores: few, and only if spare.
+        return 0 if per_process <= 2 else min(4, per_process // 4)
+    return max(1, min(8, per_process - 1))
+
+
+def make_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    transform: Any,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    device: torch.device,
+    num_workers: int,
+    rank: int = 0,
+    world: int = 1,
+) -> TensorBatches | DataLoader:
+    """Tensor slicing when there is no augmentation and the split fits in memory, else workers.
+
+    `batch_size` is per process: each global batch of `batch_size * world` samples is split
+    across the ranks.
+    """
+    augment = transform is not None and len(transform) > 0
+    if not augment and images.nbytes <= IN_MEMORY_BYTES:
+        return TensorBatches(
+            images, labels, batch_size, shuffle=shuffle, device=device, rank=rank, world=world
+        )
+    sampler = SeededBatchSampler(len(labels), batch_size, shuffle=shuffle, rank=rank, world=world)
+    return DataLoader(
+        ImageArrayDataset(images, labels, transform),
+        batch_sampler=sampler,
+        collate_fn=_already_batched,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # An explicit generator keeps the DataLoader from drawing on the global torch RNG that
+        # dropout uses: a resumed run must see the same dropout masks as an uninterrupted one.
+        generator=torch.Generator(),
+    )
+
+
+def set_epoch(batches: TensorBatches | DataLoader, seed: int, epoch: int) -> None:
+    """Seed the shuffling and augmentation of `epoch` (the same on every rank and on resume)."""
+    epoch_seed = seed * 1000 + epoch
+    if isinstance(batches, DataLoader):
+        batches.batch_sampler.set_epoch_seed(epoch_seed)
+    else:
+        batches.set_epoch_seed(epoch_seed)
