@@ -1,7 +1,8 @@
-"""The whole pipeline through real `dvc` commands in a real git repo, tracked in a real MLflow store."""
+"""The whole pipeline through real `dvc` in a real git repo, tracked in a real MLflow store."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
@@ -26,7 +26,9 @@ def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -35,7 +37,9 @@ def make_project(dest: Path, **overrides: dict) -> Path:
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
@@ -72,9 +76,16 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     first = sh("dvc", "repro", cwd=root)
     assert ran_stages(first.stdout) == {"ingest", "validate", "split", "train", "evaluate"}
     for out in [
-        "data/interim/manifest.csv", "reports/validation.json", "data/interim/valid.csv",
-        "data/processed/splits.csv", "reports/split.json", "models/model.pt", "metrics/train.json",
-        "metrics/eval.json", "plots/confusion.csv", "reports/figures/confusion_matrix.png",
+        "data/interim/manifest.csv",
+        "reports/validation.json",
+        "data/interim/valid.csv",
+        "data/processed/splits.csv",
+        "reports/split.json",
+        "models/model.pt",
+        "metrics/train.json",
+        "metrics/eval.json",
+        "plots/confusion.csv",
+        "reports/figures/confusion_matrix.png",
     ]:
         assert (root / out).is_file(), out
     metrics = json.loads((root / "metrics/eval.json").read_text())
@@ -83,7 +94,8 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     assert metrics["accuracy"] > 0.8  # 3 epochs on digits; the default 15 reach >= 0.95
 
     dag = sh("dvc", "dag", "--dot", cwd=root).stdout.replace('"', "").replace(" ", "")
-    for a, b in [("ingest", "validate"), ("validate", "split"), ("split", "train"), ("train", "evaluate")]:
+    order = ["ingest", "validate", "split", "train", "evaluate"]
+    for a, b in itertools.pairwise(order):
         assert f"{a}->{b}" in dag, dag
 
     again = sh("dvc", "repro", cwd=root)
