@@ -1,19 +1,30 @@
 """Stage `evaluate`: test (and val) metrics, confusion matrix, figures; closes the MLflow run."""
 
 import argparse
-import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-from imgcls.config import load_params
-from imgcls.evaluation.evaluate import evaluate_split
-from imgcls.evaluation.metrics import confusion_long, plot_confusion
-from imgcls.io import write_csv, write_json
+from imgcls.config import EvaluateConfig, load_params
+from imgcls.evaluation.evaluate import Report, evaluate_data, mlflow_metrics
+from imgcls.evaluation.figures import pyplot
+from imgcls.io import atomic_path, write_csv, write_json
 from imgcls.models.bundle import load_bundle
 from imgcls.stage import run_stage
-from imgcls.tracking import Run
+from imgcls.tracking import resume_run
 from imgcls.training.run import load_split_data
+
+
+def evaluate(args: argparse.Namespace, cfg: EvaluateConfig) -> Report:
+    """Load the model and the images, predict every configured split and build the report."""
+    clf, meta = load_bundle(args.model)
+    data = load_split_data(
+        args.splits,
+        Path.cwd(),
+        meta["image_size"],
+        meta["channels"],
+        args.cache_dir,
+        classes=meta["classes"],
+    )
+    return evaluate_data(clf, data, cfg, where=str(args.splits))
 
 
 def main() -> None:
@@ -29,56 +40,35 @@ def main() -> None:
     ap.add_argument("--figures", default="reports/figures", type=Path)
     args = ap.parse_args()
     cfg = load_params(args.params).evaluate
-    clf, meta = load_bundle(args.model)
-    classes = meta["classes"]
-    data = load_split_data(
-        args.splits,
-        Path.cwd(),
-        meta["image_size"],
-        meta["channels"],
-        args.cache_dir,
-        classes=classes,
-    )
-    flat: dict[str, float] = {}
-    results = {}
-    for split in cfg.splits:
-        images, labels = data.part(split)
-        if len(labels) == 0:
-            continue
-        res = evaluate_split(
-            clf, split, images, labels, classes, top_k=cfg.top_k, batch_size=cfg.batch_size
-        )
-        results[split] = res
-        prefix = "" if split == "test" else f"{split}_"
-        flat.update({f"{prefix}{k}": v for k, v in res.metrics.items()})
-    main_split = "test" if "test" in results else next(iter(results))
-    main = results[main_split]
-    write_json(args.metrics, flat)
-    write_csv(args.confusion_csv, confusion_long(main.y_true, main.y_pred, classes))
-    args.figures.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "confusion_matrix.png": plot_confusion(main.confusion, classes, f"{main_split}: counts"),
-        "confusion_matrix_normalized.png": plot_confusion(
-            main.confusion, classes, f"{main_split}: row-normalised", normalize=True
-        ),
-    }
-    for name, fig in figures.items():
-        fig.savefig(args.figures / name)
+    run = resume_run(args.run_file)  # the train stage's run: this stage logs into it and closes it
+    try:
+        report = evaluate(args, cfg)
+    except BaseException:
+        if run is not None:
+            run.end("FAILED")
+        raise
+    write_json(args.metrics, report.metrics)
+    write_csv(args.confusion_csv, report.confusion_rows)
+    plt = pyplot()
+    for name, fig in report.figures.items():
+        with atomic_path(args.figures / name) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-    write_json(
-        args.figures / "confusion_matrix.json",
-        {"split": main_split, "classes": classes, "counts": main.confusion.tolist()},
-    )
+    for name, table in report.tables.items():
+        write_json(args.figures / name, table)
 
-    run_info = json.loads(args.run_file.read_text()) if args.run_file.is_file() else {}
-    if run_info.get("run_id"):
-        run = Run(run_info["tracking_uri"], run_info["run_id"])
-        run.log_metrics({(k if k.startswith("val_") else f"test_{k}"): v for k, v in flat.items()})
-        run.log_artifact(args.figures, "evaluation")
+    if run is not None:
+        run.log_metrics(mlflow_metrics(report.metrics))
+        for name, table in report.tables.items():
+            run.log_dict(table, f"evaluation/{name}")
+        for name in report.figures:
+            run.log_artifact(args.figures / name, "evaluation")
         run.log_artifact(args.metrics, "evaluation")
         run.end("FINISHED")
+        run.warn_not_logged("evaluate")
+    main = report.main
     print(
-        f"evaluate: {main_split} accuracy {main.metrics['accuracy']:.4f}, "
+        f"evaluate: {main.split} accuracy {main.metrics['accuracy']:.4f}, "
         f"macro F1 {main.metrics['f1_macro']:.4f} -> {args.metrics}"
     )
 

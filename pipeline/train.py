@@ -1,21 +1,19 @@
 """Stage `train`: fit the configured model on the train split and log the run to MLflow."""
 
 import argparse
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-import imgcls
+from imgcls import tracking
 from imgcls.config import load_params
 from imgcls.data.augment import build_transform, serialize
+from imgcls.evaluation.gallery import augmentation_grid
 from imgcls.io import write_csv, write_json
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.stage import run_stage
-from imgcls.tracking import Run, git_info, repo_root
+from imgcls.training import distributed
 from imgcls.training.run import load_split_data, train_model
 from imgcls.training.trainer import select_device
 
@@ -35,28 +33,34 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     cfg = params.train
-    data = load_split_data(args.splits, Path.cwd(), cfg.image_size, cfg.channels, args.cache_dir)
+    # Under `torchrun --nproc_per_node=N` every process runs this file; only rank 0 talks to
+    # MLflow and writes outputs, the others just train their share of each batch.
+    dist = distributed.from_env()
+    distributed.setup(dist, select_device(cfg.device))
+    with distributed.main_first(dist):  # rank 0 fills the decode cache, the others reuse it
+        data = load_split_data(
+            args.splits,
+            Path.cwd(),
+            cfg.image_size,
+            cfg.channels,
+            args.cache_dir,
+            progress=dist.is_main,
+        )
     build_transform(params.augment.eval, "augment.eval")  # fail on a bad entry before training
 
+    augment = build_transform(params.augment.train, "augment.train")
     run = None
-    if params.tracking.enabled:
-        tags = {
-            **git_info(repo_root()),
-            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            "data.splits_sha256": hashlib.sha256(args.splits.read_bytes()).hexdigest(),
-            "device": str(select_device(cfg.device)),
-            "imgcls.version": imgcls.__version__,
-            "model.name": params.model.name,
-        }
-        run = Run.start(params.tracking, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
-        run.log_params(params.to_dict())
-        run.log_text(
-            yaml.safe_dump(params.to_dict(), sort_keys=False), "config/params.resolved.yaml"
+    if dist.is_main:
+        run = tracking.start_pipeline_run(  # fails fast, before training, if the store is down
+            params,
+            splits_csv=args.splits,
+            reports_dir=args.reports,
+            device=str(select_device(cfg.device)),
+            extra_dicts={"config/augment.train.json": serialize(augment)},
         )
-        run.log_dict(serialize(build_transform(params.augment.train)), "config/augment.train.json")
-        for name in ("validation.md", "validation.json", "split.json"):
-            if (args.reports / name).is_file():
-                run.log_artifact(args.reports / name, "data")
+    if run is not None:
+        grid = augmentation_grid(*data.part("train"), data.classes, augment, seed=params.base.seed)
+        run.log_image(grid, "figures/augmentation_grid.png")
 
     def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
         if run is not None:
@@ -64,12 +68,16 @@ def main() -> None:
 
     try:
         result, meta = train_model(
-            params, data, checkpoint_path=args.checkpoint, on_epoch_end=on_epoch_end
+            params, data, checkpoint_path=args.checkpoint, on_epoch_end=on_epoch_end, dist=dist
         )
     except BaseException:
         if run is not None:
             run.end("FAILED")
         raise
+    finally:
+        distributed.teardown()
+    if not dist.is_main:
+        return
     save_bundle(args.model, result.model, meta)
     history = pd.DataFrame(result.history)
     write_csv(args.history, history)
@@ -83,18 +91,15 @@ def main() -> None:
             **{k: float(v) for k, v in best.items() if k != "epoch"},
         },
     )
-    run_info = {"run_id": None, "tracking_uri": None}
-    if run is not None:
-        run.log_metrics({"best_epoch": result.best_epoch, f"best_{cfg.monitor}": result.best_value})
-        clf = ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"])
-        example = np.zeros((1, cfg.image_size, cfg.image_size, data.channels), np.uint8)
-        run.log_pytorch_model(
-            clf,
-            input_example=example,
-            metadata=meta,
-            registered_name=params.tracking.register_model,
-        )
-        run_info = {"run_id": run.run_id, "tracking_uri": run.uri, "not_logged": run.not_logged}
+    run_info = tracking.finish_train_run(
+        run,
+        params,
+        best_epoch=result.best_epoch,
+        best_value=result.best_value,
+        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"]),
+        input_example=np.asarray(data.images[:2]),  # 2 samples: keeps the batch size dynamic
+        metadata=meta,
+    )
     write_json(args.run_file, run_info)
     print(f"train: best epoch {result.best_epoch}, {cfg.monitor} {result.best_value:.4f}")
 

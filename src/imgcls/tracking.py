@@ -4,22 +4,39 @@ Library code never decides where runs go: the tracking URI comes from `MLFLOW_TR
 then `tracking.uri`, then a SQLite file at the repository root. The root is `DVC_ROOT` when DVC
 runs the stage (DVC points it at the parent repo even inside `dvc exp run` temp copies), so every
 experiment lands in one store.
+
+One pipeline execution is one MLflow run: the train stage starts it (:func:`start_pipeline_run`)
+and writes its id to a small file that the evaluate stage reads to log into the same run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
-import warnings
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgcls.config import TrackingConfig
+from imgcls.config import Params, TrackingConfig
 from imgcls.errors import ImgclsError
 
 log = logging.getLogger("imgcls.tracking")
+
+# MLflow retries an unreachable HTTP store 7 times with exponential backoff (minutes per call).
+# A training run must neither hang at start nor stall every epoch when the server drops, so
+# unless the user chose otherwise, fail a request after a short, bounded retry.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+PROBE_TIMEOUT_S = 5.0
+# After a connection failure, skip calls for this long instead of paying the retries each epoch.
+RETRY_AFTER_S = 30.0
 
 
 class TrackingError(ImgclsError):
@@ -42,7 +59,7 @@ def resolve_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists become their string form."""
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists and empty mappings stay leaf values."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -68,7 +85,102 @@ def git_info(root: Path) -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {}
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+    # `mlflow.source.git.commit` is the tag the MLflow UI shows as "Source" / "Git commit".
+    return {
+        "git.commit": commit,
+        "git.dirty": str(bool(dirty)).lower(),
+        "mlflow.source.git.commit": commit,
+    }
+
+
+def file_sha256(path: Path) -> str:
+    """Hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pipeline_tags(splits_csv: Path, device: str) -> dict[str, str]:
+    """Tags that tie a run to its code, data, DVC experiment, device and imgcls version."""
+    import imgcls
+
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    return {
+        **git_info(repo_root()),
+        "dvc.exp_name": exp_name,
+        "data.splits_sha256": file_sha256(splits_csv),
+        "device": device,
+        "imgcls.version": imgcls.__version__,
+        "mlflow.source.name": "dvc exp run" if exp_name else "dvc repro",
+    }
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _apply_http_defaults(uri: str) -> None:
+    """Bounded retries / timeout for HTTP stores, unless the user set the variables."""
+    if _is_http(uri):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` within ~`timeout` s if an HTTP tracking server is unreachable.
+
+    Any HTTP answer counts as reachable (a 401 from an auth-enabled server too: MLflow then
+    reports the credentials problem itself); only "nothing answered" fails here.
+    """
+    if not _is_http(uri):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({type(err).__name__}). "
+            "Start it (see docs/tracking.md), fix MLFLOW_TRACKING_URI / tracking.uri, "
+            "or set tracking.enabled: false to train without tracking"
+        ) from None
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """True when the store did not answer (as opposed to rejecting one request)."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    text = str(err)
+    return any(
+        s in text
+        for s in (
+            "Max retries exceeded",
+            "Connection refused",
+            "failed with exception",
+            "timed out",
+            "database is locked",
+            "unable to open database",
+        )
+    )
+
+
+def describe_not_logged(items: list[str]) -> str:
+    """'metrics (step 4)', 'metrics (step 5)', 'model' -> 'metrics at steps 4-5; model'."""
+    steps: list[int] = []
+    other: list[str] = []
+    for item in items:
+        if item.startswith("metrics (step ") and item.endswith(")"):
+            steps.append(int(item[len("metrics (step ") : -1]))
+        elif item not in other:
+            other.append(item)
+    parts = []
+    if steps:
+        lo, hi = min(steps), max(steps)
+        span = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        parts.append(f"metrics at {span} ({len(steps)} batches)")
+    return "; ".join(parts + other)
 
 
 class Run:
@@ -78,12 +190,15 @@ class Run:
     training goes on, local files are still written, and :attr:`not_logged` says what was lost.
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
+    def __init__(self, uri: str, run_id: str, client: Any = None) -> None:
+        _apply_http_defaults(uri)
+        if client is None:
+            from mlflow.tracking import MlflowClient
 
-        self.uri, self.run_id = uri, run_id
-        self.client = MlflowClient(tracking_uri=uri)
+            client = MlflowClient(tracking_uri=uri)
+        self.uri, self.run_id, self.client = uri, run_id, client
         self.not_logged: list[str] = []
+        self._down_since: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,46 +212,72 @@ class Run:
         root: Path | None = None,
     ) -> Run:
         """Create the experiment if needed and start a run; fail fast if unreachable."""
+        uri = resolve_uri(cfg, root)
+        probe(uri)  # seconds, before MLflow's own (long) retry loop could start
+        _apply_http_defaults(uri)
         from mlflow.tracking import MlflowClient
 
-        uri = resolve_uri(cfg, root)
-        client = MlflowClient(tracking_uri=uri)
         try:
-            exp = client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+            client = MlflowClient(tracking_uri=uri)  # opens (and migrates) a SQLite store
+            exp_id = _experiment_id(client, cfg.experiment, uri)
             run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
         except Exception as err:  # mlflow raises many types for an unreachable store
+            first = (str(err).splitlines() or [""])[0][:200]
+            auth = any(code in str(err) for code in ("401", "403"))
+            fix = (
+                "Set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for this server"
+                if auth
+                else "Start the server, fix MLFLOW_TRACKING_URI / tracking.uri"
+            )
             raise TrackingError(
-                f"cannot reach the MLflow tracking store at {uri} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200]}). Start the server, fix MLFLOW_TRACKING_URI / "
-                "tracking.uri, or set tracking.enabled: false to train without tracking"
+                f"cannot use the MLflow tracking store at {uri} ({type(err).__name__}: {first}). "
+                f"{fix}, or set tracking.enabled: false to train without tracking"
             ) from None
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, cfg.experiment, uri)
-        return cls(uri, run.info.run_id)
+        return cls(uri, run.info.run_id, client)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run finished (or FAILED)."""
         self._safe("run status", self.client.set_terminated, self.run_id, status)
 
+    def warn_not_logged(self, stage: str) -> None:
+        """One warning that lists everything this process could not log (no-op if nothing)."""
+        if self.not_logged:
+            log.warning(
+                "%s: could not log everything to the MLflow store at %s; local files are "
+                "complete, but these were NOT logged to run %s: %s",
+                stage,
+                self.uri,
+                self.run_id,
+                describe_not_logged(self.not_logged),
+            )
+
     # ------------------------------------------------------------------ logging
 
-    def _safe(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call an mlflow function; on failure warn once per kind and remember what was lost."""
+        if self._down_since is not None and time.monotonic() - self._down_since < RETRY_AFTER_S:
+            self.not_logged.append(what)  # the store was down moments ago: don't stall again
+            return None
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except Exception as err:  # a dropped store must not kill a long training run
-            if not any(item.startswith(what) for item in self.not_logged):
-                warnings.warn(
-                    f"MLflow: could not log {what}: {type(err).__name__}: {err}", stacklevel=3
-                )
+            kind = what.split(" (")[0]
+            if not any(item.split(" (")[0] == kind for item in self.not_logged):
+                first = (str(err).splitlines() or [""])[0][:300]
+                log.warning("MLflow: could not log %s: %s: %s", what, type(err).__name__, first)
+            if _is_connection_error(err):
+                self._down_since = time.monotonic()
             self.not_logged.append(what)
             return None
+        self._down_since = None
+        return out
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flattened params in batches (MLflow caps a batch at 100 params)."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self._safe("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
 
@@ -153,8 +294,6 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log many metrics in one call (one round trip per epoch)."""
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -163,14 +302,16 @@ class Run:
             for k, v in metrics.items()
             if v is not None
         ]
+        what = "metrics" if step is None else f"metrics (step {step})"
         for i in range(0, len(items), 1000):
-            self._safe("metrics", self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+            self._safe(what, self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        """Upload a local file or folder."""
-        self._safe(
-            f"artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path
-        )
+        """Upload a local file (or every file of a folder)."""
+        path = Path(path)
+        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        where = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        self._safe(f"artifact {where}", fn, self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Store JSON / YAML data as an artifact."""
@@ -190,6 +331,12 @@ class Run:
             f"artifact {artifact_file}", self.client.log_figure, self.run_id, figure, artifact_file
         )
 
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """Store a PIL image or uint8 array as a PNG artifact."""
+        self._safe(
+            f"artifact {artifact_file}", self.client.log_image, self.run_id, image, artifact_file
+        )
+
     def log_pytorch_model(
         self,
         model: Any,
@@ -198,12 +345,25 @@ class Run:
         metadata: Mapping[str, Any],
         registered_name: str | None = None,
     ) -> str | None:
-        """`mlflow.pytorch.log_model` with a signature from the input example; returns the URI."""
+        """`mlflow.pytorch.log_model` (pt2 export, signature from the example); returns the URI.
+
+        `input_example` must hold at least 2 samples: MLflow exports with `torch.export` and
+        `Dim.AUTO`, which specialises a size-1 batch dimension to the constant 1 (the
+        "inputs[0].shape[0] 0/1 specialized" warning) and the logged model then rejects any
+        other batch size. With 2 samples the batch dimension stays dynamic.
+        """
         import mlflow
+        import numpy as np
+
+        # A writable copy: torch warns on (and must not alias) read-only memory-mapped arrays.
+        input_example = np.array(input_example)
+        if input_example.ndim < 1 or len(input_example) < 2:
+            raise ValueError("input_example needs >= 2 samples to export a dynamic batch size")
 
         def _log() -> str:
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
+            mlflow.start_run(run_id=self.run_id)
+            try:
                 info = mlflow.pytorch.log_model(
                     model,
                     name="model",
@@ -212,11 +372,46 @@ class Run:
                     registered_model_name=registered_name,
                     pip_requirements=_pip_requirements(),
                 )
+            finally:
+                # `end_run` would mark the run FINISHED; evaluate still has to log into it.
+                mlflow.end_run(status="RUNNING")
             return info.model_uri
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-            return self._safe("model", _log)
+        return self._safe("model", _log)
+
+
+def artifact_location(uri: str) -> str | None:
+    """`mlruns/` next to a SQLite store's file, as an absolute URI; None for other stores.
+
+    MLflow would default to `./mlruns` of the *current* directory, which for the first
+    `dvc exp run` is a temp copy of the repo that is deleted afterwards, artifacts and all.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None  # a server (artifact proxying) or a file store decides for itself
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+    return (db.parent / "mlruns").as_uri()
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """Id of the named experiment, created on first use (tolerating a concurrent creator)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except Exception:  # another `dvc exp run --queue` worker created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    """Lists / dicts as JSON (the UI pretty-prints them), scalars as text; MLflow's size cap."""
+    import json
+
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:6000]
 
 
 def _metric_key(name: str) -> str:
@@ -233,3 +428,86 @@ def _pip_requirements() -> list[str]:
         f"mlflow=={version('mlflow')}",
         f"numpy=={version('numpy')}",
     ]
+
+
+# ---------------------------------------------------------------------- pipeline helpers
+
+
+def start_pipeline_run(
+    params: Params,
+    *,
+    splits_csv: Path,
+    reports_dir: Path,
+    device: str,
+    extra_dicts: Mapping[str, Any] | None = None,
+) -> Run | None:
+    """Start the pipeline's run (None when tracking is off) and log params, config and reports.
+
+    Raises :class:`TrackingError` before any training if the store cannot be reached.
+    """
+    if not params.tracking.enabled:
+        return None
+    import yaml
+
+    resolved = params.to_dict()
+    tags = {**pipeline_tags(splits_csv, device), "model.name": params.model.name}
+    run = Run.start(params.tracking, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
+    run.log_params(resolved)
+    run.log_text(yaml.safe_dump(resolved, sort_keys=False), "config/params.resolved.yaml")
+    for name, data in (extra_dicts or {}).items():
+        run.log_dict(data, name)
+    for name in ("validation.md", "validation.json", "split.json"):
+        if (reports_dir / name).is_file():
+            run.log_artifact(reports_dir / name, "data")
+    return run
+
+
+def finish_train_run(
+    run: Run | None,
+    params: Params,
+    *,
+    best_epoch: int,
+    best_value: float,
+    model: Any,
+    input_example: Any,
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Log the best epoch and the model; return what `models/run.json` records."""
+    if run is None:
+        return {"run_id": None, "tracking_uri": None, "model_uri": None, "not_logged": []}
+    run.log_metrics({"best_epoch": best_epoch, f"best_{params.train.monitor}": best_value})
+    model_uri = None
+    if params.tracking.log_model:
+        model_uri = run.log_pytorch_model(
+            model,
+            input_example=input_example,
+            metadata=metadata,
+            registered_name=params.tracking.register_model,
+        )
+    run.warn_not_logged("train")
+    return {
+        "run_id": run.run_id,
+        "tracking_uri": run.uri,
+        "model_uri": model_uri,
+        "not_logged": run.not_logged,
+    }
+
+
+def resume_run(run_file: Path) -> Run | None:
+    """The run the train stage started, from its run file (None if tracking was off)."""
+    import json
+
+    info = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    if not info.get("run_id"):
+        return None
+    try:
+        return Run(info["tracking_uri"], info["run_id"])
+    except Exception as err:  # e.g. the SQLite file is gone: evaluate still writes its files
+        log.warning(
+            "MLflow store %s cannot be opened (%s: %s); NOT logging this stage to run %s",
+            info["tracking_uri"],
+            type(err).__name__,
+            (str(err).splitlines() or [""])[0][:200],
+            info["run_id"],
+        )
+        return None

@@ -1,4 +1,4 @@
-"""Metrics and figures from predictions (scikit-learn implementations, never hand-rolled)."""
+"""Metrics from predictions (scikit-learn implementations, never hand-rolled)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
@@ -15,7 +16,7 @@ from sklearn.metrics import (
 )
 
 
-def _safe_name(label: str) -> str:
+def safe_name(label: str) -> str:
     """A class name usable inside a flat metric key."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
 
@@ -34,6 +35,9 @@ def classification_metrics(
     k = min(top_k, len(classes) - 1)
     if k >= 2:
         out[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=k, labels=labels))
+    ap = per_class_average_precision(y_true, probs)
+    if ap:  # one-vs-rest, over the classes that occur in y_true
+        out["average_precision_macro"] = float(np.mean(list(ap.values())))
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(
             y_true, y_pred, labels=labels, average=avg, zero_division=0
@@ -43,7 +47,7 @@ def classification_metrics(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
     for i, name in enumerate(classes):
-        key = _safe_name(name)
+        key = safe_name(name)
         out[f"precision_{key}"] = float(p[i])
         out[f"recall_{key}"] = float(r[i])
         out[f"f1_{key}"] = float(f[i])
@@ -62,43 +66,10 @@ def confusion_long(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -
     return pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], title: str, normalize: bool = False):
-    """A readable confusion-matrix figure for 2..50+ classes (sizes and labels scale with K)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(classes)
-    data = cm.astype(float)
-    if normalize:
-        data = data / np.maximum(data.sum(axis=1, keepdims=True), 1)
-    side = min(max(4.0, 0.45 * k + 2.5), 28.0)
-    fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=110)
-    im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, data.max()))
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
-    fontsize = max(5, min(11, int(180 / max(k, 1))))
-    ax.set_xticklabels(
-        classes,
-        rotation=45 if k <= 10 else 90,
-        ha="right" if k <= 10 else "center",
-        fontsize=fontsize,
-    )
-    ax.set_yticklabels(classes, fontsize=fontsize)
-    if k <= 30:  # beyond that the numbers would overlap; colours carry the information
-        threshold = (1 if normalize else data.max()) / 2
-        for i in range(k):
-            for j in range(k):
-                text = f"{data[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=max(5, fontsize - 1),
-                    color="white" if data[i, j] > threshold else "black",
-                )
-    fig.tight_layout()
-    return fig
+def per_class_average_precision(y_true: np.ndarray, probs: np.ndarray) -> dict[int, float]:
+    """One-vs-rest average precision per class index, for the classes present in `y_true`."""
+    return {
+        k: float(average_precision_score(y_true == k, probs[:, k]))
+        for k in range(probs.shape[1])
+        if np.any(y_true == k)
+    }

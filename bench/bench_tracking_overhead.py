@@ -1,0 +1,189 @@
+"""MLflow tracking overhead: train-stage wall time with tracking on vs off (issue target <= 2%).
+
+Run: .venv/bin/python bench/bench_tracking_overhead.py [--repeats 3] [--epochs 15]
+
+Builds a throw-away project (default params: sklearn digits, simple_cnn, 16 px), runs the data
+stages once with `dvc repro split`, then times `python pipeline/train.py` (exactly the command
+DVC runs) in fresh interpreters, interleaving three modes:
+
+  off          tracking.enabled: false
+  on           tracking on, SQLite store at the project root, tracking.log_model: false
+  on+model     tracking on, plus mlflow.pytorch.log_model (torch.export + MLflow packaging)
+
+Every mode starts from the same state (checkpoint removed, the SQLite store already created by a
+warm-up run: its one-time schema creation is reported separately). Then, inside one process, the
+individual costs: importing mlflow, starting the run, one per-epoch `log_metrics` batch, the
+augmentation grid, and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".dvcignore"]
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Run a command; return its wall time in seconds (raise on failure)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return elapsed
+
+
+def make_project(dest: Path, epochs: int, image_size: int) -> Path:
+    """Copy the pipeline into a fresh git repo and run the data stages."""
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(
+                src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+    set_params(dest, epochs=epochs, image_size=image_size)
+    who = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@localhost"}
+    who |= {"GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@localhost"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        sh(*cmd, cwd=dest, env=who)
+    sh("dvc", "repro", "split", cwd=dest, env={"DVC_NO_ANALYTICS": "1"})
+    return dest
+
+
+def set_params(
+    root: Path, *, epochs: int | None = None, image_size: int | None = None, **tracking: object
+) -> None:
+    """Edit the project's params.yaml in place."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    if epochs is not None:
+        params["train"]["epochs"] = epochs
+    if image_size is not None:
+        params["train"]["image_size"] = image_size
+    params["tracking"].update(tracking)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+MODES = {
+    "off": {"enabled": False},
+    "on": {"enabled": True, "log_model": False},
+    "on+model": {"enabled": True, "log_model": True},
+}
+
+
+def time_train(root: Path, mode: str) -> float:
+    """Wall time of one train stage in a fresh interpreter."""
+    set_params(root, **MODES[mode])
+    shutil.rmtree(root / "models/checkpoints", ignore_errors=True)
+    return sh(sys.executable, "pipeline/train.py", cwd=root, env={"DVC_ROOT": str(root)})
+
+
+def component_costs(root: Path, epochs: int, size: int) -> dict[str, float]:
+    """Seconds for each tracking step, measured in a fresh interpreter."""
+    code = f"""
+import json, time, os, sys
+from pathlib import Path
+os.chdir({str(root)!r})
+t = time.perf_counter()
+import mlflow.tracking
+out = {{"import mlflow": time.perf_counter() - t}}
+import numpy as np
+from imgcls.config import load_params
+from imgcls.data.augment import build_transform
+from imgcls.evaluation.gallery import augmentation_grid
+from imgcls.models.bundle import ImageClassifier
+from imgcls.models.registry import create_model
+from imgcls.tracking import start_pipeline_run
+from imgcls.training.run import load_split_data
+params = load_params("params.yaml")
+data = load_split_data(Path("data/processed/splits.csv"), Path.cwd(), {size}, "auto",
+                       Path("data/cache"), progress=False)
+t = time.perf_counter()
+run = start_pipeline_run(params, splits_csv=Path("data/processed/splits.csv"),
+                         reports_dir=Path("reports"), device="cpu")
+out["start run + params + config artifacts"] = time.perf_counter() - t
+t = time.perf_counter()
+grid = augmentation_grid(*data.part("train"), data.classes, build_transform(params.augment.train))
+run.log_image(grid, "figures/augmentation_grid.png")
+out["augmentation grid (render + log)"] = time.perf_counter() - t
+row = {{k: 0.5 for k in ("lr", "train_loss", "train_accuracy", "epoch_time_s", "images_per_s",
+       "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro")}}
+t = time.perf_counter()
+for epoch in range(1, {epochs} + 1):
+    run.log_metrics(row, step=epoch)
+out["per-epoch log_metrics (mean of {epochs})"] = (time.perf_counter() - t) / {epochs}
+net = create_model("simple_cnn", in_chans=1, num_classes=10, image_size={size},
+                   **params.model.kwargs)
+clf = ImageClassifier(net.eval(), [0.5], [0.25]).eval()
+t = time.perf_counter()
+run.log_pytorch_model(clf, input_example=np.array(data.images[:2]), metadata={{"classes": []}})
+out["log_pytorch_model"] = time.perf_counter() - t
+run.end()
+assert not run.not_logged, run.not_logged
+print(json.dumps(out))
+"""
+    env = {**os.environ, "DVC_ROOT": str(root)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    import json
+
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Build the project, time the modes interleaved, print a Markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--image-size", type=int, default=16, help="train.image_size (default 16)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imgcls-bench-") as tmp:
+        root = make_project(Path(tmp) / "proj", args.epochs, args.image_size)
+        t0 = time.perf_counter()
+        time_train(root, "on")  # warm-up: decodes the image cache, creates mlflow.db
+        print(f"warm-up train stage (creates mlflow.db schema): {time.perf_counter() - t0:.1f} s")
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for i in range(args.repeats):
+            for mode in MODES if i % 2 == 0 else reversed(list(MODES)):
+                times[mode].append(time_train(root, mode))
+                print(f"  {mode:9s} {times[mode][-1]:6.2f} s", flush=True)
+        set_params(root, **MODES["on"])
+        costs = component_costs(root, args.epochs, args.image_size)
+    off = statistics.median(times["off"])
+    print(
+        f"\ntrain stage, {args.epochs} epochs at {args.image_size} px, median of {args.repeats}"
+        " (min in brackets)\n"
+    )
+    print("| mode | wall s | vs off |")
+    print("|---|---|---|")
+    for mode, values in times.items():
+        med = statistics.median(values)
+        print(f"| {mode} | {med:.2f} ({min(values):.2f}) | {100 * (med - off) / off:+.1f} % |")
+    print("\n| tracking step (one process) | seconds |")
+    print("|---|---|")
+    for name, seconds in costs.items():
+        print(f"| {name} | {seconds:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The pipeline against a real `mlflow server` (SQLite backend, artifact proxying) on 127.0.0.1.
+
+Runs real `dvc repro` with MLFLOW_TRACKING_URI pointing at the server, reads the run back over
+HTTP and loads the logged model; then kills a server mid-training and checks that training
+finishes, local outputs are written and the warning lists what was not logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from tests.test_pipeline_e2e import BIN, make_project, ran_stages
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
+
+
+@dataclass
+class Server:
+    """A running `mlflow server` subprocess."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    backend: str  # the server's own SQLite URI, readable after it is gone
+
+    def stop(self) -> None:
+        """Terminate the server and its workers; kill them if they linger."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive connections
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, timeout: float = 90) -> Server:
+    """`mlflow server` bound to 127.0.0.1 with a SQLite backend and proxied artifacts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend = f"sqlite:///{folder / 'mlflow.db'}"
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--serve-artifacts",
+        "--workers",
+        "1",
+    ]
+    log = open(folder / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    # its own process group, so that stop() also ends the uvicorn worker it spawns
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, backend)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(folder / 'server.log').read_text()}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=2).ok:
+                return server
+        except requests.RequestException:
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"mlflow server did not start in {timeout} s")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[Server]:
+    """A real tracking server for one test, always terminated."""
+    server = start_server(tmp_path / "server")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def run(
+    *cmd: str, cwd: Path, uri: str | None, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """A command with the venv on PATH and MLFLOW_TRACKING_URI set (or removed)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_pipeline_logs_to_a_real_server_and_reads_back(
+    tmp_path: Path, mlflow_server: Server
+) -> None:
+    import mlflow
+
+    root = make_project(
+        tmp_path / "proj", train={"epochs": 2}, tracking={"register_model": "imgcls-digits"}
+    )
+    out = run("dvc", "repro", cwd=root, uri=mlflow_server.url)
+    assert ran_stages(out.stdout) == {"ingest", "validate", "split", "train", "evaluate"}
+    assert not (root / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won over the default
+    info = json.loads((root / "models/run.json").read_text())
+    assert info["tracking_uri"] == mlflow_server.url and info["not_logged"] == []
+
+    client = MlflowClient(mlflow_server.url)  # everything below goes over HTTP
+    got = client.get_run(info["run_id"])
+    assert got.info.status == "FINISHED"
+    assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+    local = json.loads((root / "metrics/eval.json").read_text())
+    metrics = got.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(local["accuracy"])
+    for digit in range(10):
+        assert metrics[f"test_f1_{digit}"] == pytest.approx(local[f"f1_{digit}"])
+    assert metrics["val_f1_macro"] == pytest.approx(local["val_f1_macro"])
+    steps = [m.step for m in client.get_metric_history(info["run_id"], "val_loss")]
+    assert steps == [1, 2]
+    assert got.data.params["train.epochs"] == "2"
+    assert got.data.tags["git.commit"] and got.data.tags["data.splits_sha256"]
+
+    confusion_path = client.download_artifacts(
+        info["run_id"], "evaluation/confusion_matrix.json", str(tmp_path / "dl")
+    )
+    remote_cm = json.loads(Path(confusion_path).read_text())
+    local_cm = json.loads((root / "reports/figures/confusion_matrix.json").read_text())
+    assert remote_cm == local_cm
+    names = {a.path for a in client.list_artifacts(info["run_id"], "evaluation")}
+    assert {"evaluation/misclassified.png", "evaluation/pr_curves.png"} <= names
+    assert [a.path for a in client.list_artifacts(info["run_id"], "figures")] == [
+        "figures/augmentation_grid.png"
+    ]
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = mlflow.pyfunc.load_model(info["model_uri"])
+    assert model.metadata.metadata["classes"] == [str(d) for d in range(10)]
+    from imgcls.models.bundle import load_bundle
+    from imgcls.training.run import load_split_data
+
+    clf, meta = load_bundle(root / "models/model.pt")
+    data = load_split_data(
+        root / "data/processed/splits.csv",
+        root,
+        meta["image_size"],
+        meta["channels"],
+        tmp_path / "cache",
+        classes=meta["classes"],
+        progress=False,
+    )
+    images, labels = data.part("test")
+    probs = model.predict(np.array(images[:5]))  # a batch size the example did not have
+    assert probs.shape == (5, 10)
+    import torch
+
+    np.testing.assert_allclose(
+        probs, clf(torch.from_numpy(np.array(images[:5]))).detach(), atol=1e-5
+    )
+    assert (probs.argmax(1) == labels[:5]).mean() >= 0.6
+    versions = client.search_model_versions("name='imgcls-digits'")
+    assert [v.run_id for v in versions] == [info["run_id"]]
+
+
+def test_server_dropping_mid_run_lets_training_finish(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj", train={"epochs": 8})
+    run("dvc", "repro", "split", cwd=root, uri=None)  # data stages need no tracking
+    server = start_server(tmp_path / "server")
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1"}
+        train = subprocess.Popen(
+            [sys.executable, "pipeline/train.py"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines = []
+        assert train.stdout is not None
+        for line in train.stdout:
+            lines.append(line)
+            if "epoch 2/8" in line:  # two epochs logged: now the server goes away
+                server.stop()
+                break
+        lines.extend(train.stdout)
+        assert train.wait(600) == 0, "".join(lines)
+    finally:
+        server.stop()
+    output = "".join(lines)
+    assert (root / "metrics/train.json").is_file() and (root / "models/model.pt").is_file()
+    info = json.loads((root / "models/run.json").read_text())
+    lost = info["not_logged"]
+    assert "model" in lost and any(item.startswith("metrics (step") for item in lost)
+    assert "were NOT logged" in output and "metrics at steps" in output and "model" in output
+
+    evaluate = run("python", "pipeline/evaluate.py", cwd=root, uri=None)
+    assert (root / "metrics/eval.json").is_file()
+    assert "were NOT logged" in evaluate.stderr and "run status" in evaluate.stderr
+
+    # what did reach the server before it died is in its store
+    client = MlflowClient(server.backend)
+    got = client.get_run(info["run_id"])
+    steps = [m.step for m in client.get_metric_history(info["run_id"], "train_loss")]
+    assert steps[:2] == [1, 2] and len(steps) < 8
+    assert got.info.status == "RUNNING"  # nobody could close it; the UI shows it unfinished

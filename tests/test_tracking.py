@@ -1,0 +1,208 @@
+"""MLflow tracking: URI resolution, fail-fast start, batched logging, best-effort after a drop.
+
+Every test talks to a real MLflow store (SQLite in tmp_path) or a real closed port.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from imgcls.config import TrackingConfig, parse_params
+from imgcls.tracking import (
+    Run,
+    TrackingError,
+    artifact_location,
+    describe_not_logged,
+    flatten,
+    pipeline_tags,
+    resolve_uri,
+    resume_run,
+    start_pipeline_run,
+)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module: creating its schema takes seconds, runs are cheap."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # create the tables once
+    return uri
+
+
+@pytest.fixture
+def store(shared_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The shared SQLite store, with MLFLOW_TRACKING_URI / DVC_ROOT / DVC_EXP_NAME cleared."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return shared_store
+
+
+def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert resolve_uri(TrackingConfig()) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
+    assert resolve_uri(TrackingConfig(uri="http://127.0.0.1:9")) == "http://127.0.0.1:9"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:7")
+    assert resolve_uri(TrackingConfig(uri="http://127.0.0.1:9")) == "http://127.0.0.1:7"
+
+
+def test_sqlite_artifacts_live_next_to_the_database(tmp_path: Path) -> None:
+    # not in ./mlruns of a `dvc exp run` temp copy, which is deleted after the experiment
+    assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlruns").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_flatten_params() -> None:
+    flat = flatten({"train": {"lr": 0.1, "sched": {"name": "cos"}}, "model": {"kwargs": {}}})
+    assert flat == {"train.lr": 0.1, "train.sched.name": "cos", "model.kwargs": {}}
+
+
+def test_unreachable_server_fails_fast_with_a_clear_message(store: str) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        Run.start(TrackingConfig(uri=uri))
+    assert time.monotonic() - t0 < 10  # MLflow's own retry loop would take minutes
+    message = str(err.value)
+    assert (
+        uri in message and "tracking.enabled: false" in message and "MLFLOW_TRACKING_URI" in message
+    )
+
+
+def test_unusable_sqlite_store_fails_at_start(tmp_path: Path, store: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(TrackingError, match="cannot use the MLflow tracking store"):
+        Run.start(TrackingConfig(uri=f"sqlite:///{blocker}/mlflow.db"))
+
+
+def test_pipeline_run_records_params_tags_and_config(
+    tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    splits = repo / "splits.csv"
+    splits.write_text("path,label,split\na.png,x,train\n")
+    (repo / "reports/split.json").write_text('{"ok": true}')
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
+    params = parse_params({"train": {"lr": 0.01}, "tracking": {"uri": store}})
+    run = start_pipeline_run(
+        params, splits_csv=splits, reports_dir=repo / "reports", device="cpu", extra_dicts={}
+    )
+    assert run is not None
+    for epoch in (1, 2):
+        run.log_metrics({"train_loss": 1.0 / epoch, "val_f1_macro": 0.5 * epoch}, step=epoch)
+    run.end()
+    client = MlflowClient(store)
+    got = client.get_run(run.run_id)
+    assert got.info.run_name == "lr-sweep-1" and got.info.status == "FINISHED"
+    assert got.data.params["train.lr"] == "0.01" and got.data.params["model.name"] == "simple_cnn"
+    tags = got.data.tags
+    assert tags["dvc.exp_name"] == "lr-sweep-1" and tags["device"] == "cpu"
+    assert tags["data.splits_sha256"] == pipeline_tags(splits, "cpu")["data.splits_sha256"]
+    assert tags["imgcls.version"]
+    history = client.get_metric_history(run.run_id, "val_f1_macro")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 1.0)]
+    names = {a.path for a in client.list_artifacts(run.run_id, "config")}
+    assert names == {"config/params.resolved.yaml"}
+    assert [a.path for a in client.list_artifacts(run.run_id, "data")] == ["data/split.json"]
+
+
+def test_tracking_disabled_starts_nothing(tmp_path: Path, store: str) -> None:
+    params = parse_params({"tracking": {"enabled": False, "uri": "http://127.0.0.1:9"}})
+    run = start_pipeline_run(
+        params, splits_csv=tmp_path / "missing.csv", reports_dir=tmp_path, device="cpu"
+    )
+    assert run is None
+    assert resume_run(tmp_path / "run.json") is None
+
+
+def test_dropped_store_is_best_effort_and_says_what_was_lost(
+    store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = Run.start(TrackingConfig(uri=store))
+    # the same run, reached through a server that has gone away
+    dropped = Run(f"http://127.0.0.1:{closed_port()}", run.run_id)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="imgcls.tracking"):
+        for epoch in range(1, 6):
+            dropped.log_metrics({"train_loss": 1.0}, step=epoch)
+        dropped.log_dict({"a": 1}, "evaluation/confusion_matrix.json")
+        dropped.end()
+        dropped.warn_not_logged("train")
+    assert time.monotonic() - t0 < 15  # the first failure costs a short retry, the rest nothing
+    assert dropped.not_logged[:5] == [f"metrics (step {i})" for i in range(1, 6)]
+    summary = describe_not_logged(dropped.not_logged)
+    assert summary == (
+        "metrics at steps 1-5 (5 batches); artifact evaluation/confusion_matrix.json; run status"
+    )
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("could not log metrics" in w for w in warnings) == 1  # warned once, not per epoch
+    assert any("were NOT logged" in w and summary in w for w in warnings)
+    assert MlflowClient(store).get_run(run.run_id).data.metrics == {}
+
+
+def test_one_bad_call_does_not_stop_the_next(store: str) -> None:
+    run = Run.start(TrackingConfig(uri=store))
+    run.log_artifact(Path("/nonexistent/file.png"), "evaluation")  # a local problem, not the store
+    run.log_metrics({"ok": 1.0}, step=1)
+    assert run.not_logged == ["artifact evaluation/file.png"]
+    assert MlflowClient(store).get_run(run.run_id).data.metrics == {"ok": 1.0}
+
+
+def test_model_needs_two_example_rows(store: str) -> None:
+    run = Run.start(TrackingConfig(uri=store))
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        run.log_pytorch_model(
+            torch.nn.Identity(), input_example=np.zeros((1, 4, 4, 1), np.uint8), metadata={}
+        )
+
+
+def test_logged_model_accepts_any_batch_size_and_registers(store: str) -> None:
+    import mlflow
+
+    from imgcls.models.bundle import ImageClassifier
+    from imgcls.models.registry import create_model
+
+    net = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[8, 16])
+    clf = ImageClassifier(net.eval(), [0.5], [0.25]).eval()
+    run = Run.start(TrackingConfig(uri=store))
+    example = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 1), dtype=np.uint8)
+    meta = {"classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "image_size": 16}
+    uri = run.log_pytorch_model(clf, input_example=example, metadata=meta, registered_name="digits")
+    assert uri and run.not_logged == []
+    assert MlflowClient(store).get_run(run.run_id).info.status == "RUNNING"  # evaluate closes it
+    mlflow.set_tracking_uri(store)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    assert pyfunc.metadata.metadata["classes"] == ["a", "b", "c"]
+    signature = pyfunc.metadata.get_input_schema().inputs[0]
+    assert signature.shape == (-1, 16, 16, 1) and str(signature.type) == "uint8"
+    torch_model = mlflow.pytorch.load_model(uri)
+    for batch in (1, 3, 7):
+        x = np.random.default_rng(batch).integers(0, 255, (batch, 16, 16, 1), dtype=np.uint8)
+        probs = pyfunc.predict(x)
+        assert probs.shape == (batch, 3)
+        expected = clf(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        assert torch_model(torch.from_numpy(x)).shape == (batch, 3)
+    versions = MlflowClient(store).search_model_versions("name='digits'")
+    assert [v.run_id for v in versions] == [run.run_id]
