@@ -212,6 +212,73 @@ def _add_predict_export_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> None:
+    """LR range test on the train split: plot, suggestion, and the command to try it."""
+    from imgcls.stage import setup_logging
+    from imgcls.training import lr_finder
+    from imgcls.training.run import load_split_data
+    from imgcls.training.trainer import select_device
+
+    setup_logging()
+    params = load_params(args.params)
+    cfg = params.train
+    data = load_split_data(
+        args.splits, Path.cwd(), cfg.image_size, cfg.channels, args.cache_dir, progress=True
+    )
+    n_train = int((data.frame["split"] == "train").sum())
+    print(
+        f"lr-find: {args.iters} steps, lr {args.start:g} -> {args.end:g}, {params.model.name}, "
+        f"{cfg.optimizer}, batch {cfg.batch_size}, {n_train} train images",
+        file=sys.stderr,
+    )
+    result = lr_finder.find_lr(params, data, start=args.start, end=args.end, iters=args.iters)
+    lr_finder.plot_lr_find(result, args.plot)
+    print(f"lr-find: {len(result.lrs)} steps{' (stopped: loss diverged)' * result.diverged}")
+    print(lr_finder.summary(result))
+    print(f"Plot: {args.plot}")
+    if args.mlflow:
+        device = str(select_device(cfg.device))
+        run_id = lr_finder.log_to_mlflow(
+            params, result, args.plot, splits_csv=args.splits, device=device
+        )
+        print(f"MLflow run: {run_id} (experiment {params.tracking.experiment!r})")
+
+
+def _add_lr_find_parser(sub: argparse._SubParsersAction) -> None:
+    """`imgcls lr-find` (see docs/lr-find.md)."""
+    p = sub.add_parser(
+        "lr-find",
+        help="LR range test: plot loss vs learning rate and suggest train.lr",
+        description="Train a throwaway copy of the configured model on the train split while "
+        "the learning rate grows exponentially; save the loss-vs-LR plot, suggest a value "
+        "(steepest descent of the smoothed loss, cross-checked with min-loss / 10) and print "
+        "the `dvc exp run` command to try it. See docs/lr-find.md.",
+    )
+    p.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+    p.add_argument(
+        "--splits",
+        type=Path,
+        default=Path("data/processed/splits.csv"),
+        help="splits.csv from `dvc repro split` (data/processed/splits.csv)",
+    )
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="(data/cache)")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (10)")
+    p.add_argument("--iters", type=int, default=100, help="mini-batch steps of the ramp (100)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("reports/lr_find.png"),
+        help="loss-vs-LR figure (reports/lr_find.png)",
+    )
+    p.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also log plot, curve and suggestion as a run in the configured experiment",
+    )
+    p.set_defaults(func=_cmd_lr_find)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     ap = argparse.ArgumentParser(
@@ -229,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
     _add_retrain_parser(sub)
     _add_predict_export_parsers(sub)
+    _add_lr_find_parser(sub)
     return ap
 
 

@@ -236,12 +236,46 @@ class TrainConfig(Strict):
     # CPU only: torch threads for training (None: one per core). On a CPU shared with other
     # jobs, fewer threads than cores often trains faster.
     cpu_threads: int | None = Field(None, ge=1)
+    # Imbalanced classes (docs/imbalance.md). Loss weights: none, balanced (n / (k * count_c) on
+    # the train split) or {class name: weight} (unnamed classes weigh 1).
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    # Epoch order: shuffle (each image once) or balanced (drawn with replacement, every class
+    # equally likely; same epoch length).
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
 
     @model_validator(mode="after")
     def _workers(self) -> TrainConfig:
         if isinstance(self.num_workers, int) and self.num_workers < 0:
             raise ValueError("train.num_workers must be >= 0 or 'auto'")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_weights(cls, data: Any) -> Any:
+        # One clear message instead of pydantic's error per union member; class names may be
+        # YAML numbers (digits: {3: 5.0}) but labels are strings.
+        if not isinstance(data, dict) or "class_weights" not in data:
+            return data
+        value = data["class_weights"]
+        if not isinstance(value, dict) and value not in ("none", "balanced"):
+            raise ValueError(
+                f"train.class_weights must be none, balanced or a mapping {{class: weight}}, "
+                f"got {value!r}"
+            )
+        if isinstance(value, dict):
+            bad = {k: v for k, v in value.items() if not _positive_number(v)}
+            if bad:
+                raise ValueError(
+                    f"train.class_weights: weights must be numbers > 0, got {bad} "
+                    "(leave a class out to keep its weight at 1)"
+                )
+            data = {**data, "class_weights": {str(k): float(v) for k, v in value.items()}}
+        return data
+
+
+def _positive_number(value: Any) -> bool:
+    """True for an int / float above zero (YAML booleans are not weights)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -4,7 +4,8 @@ Every rank draws the same global permutation from a per-epoch seed, cuts it into
 of `train.batch_size` and takes its strided share of each batch. One process and N processes
 therefore see the same global batches, and a resumed run sees the same batches as an
 uninterrupted one. Augmentation is seeded per batch from (epoch seed, batch, rank), so it does
-not depend on the number of DataLoader workers either.
+not depend on the number of DataLoader workers either. The balanced sampler (`train.sampler`)
+only swaps the permutation for a seeded draw with replacement; the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from imgcls.data.dataset import ImageArrayDataset
+from imgcls.training.imbalance import balanced_order
 
 # Splits up to this size are sliced straight from one in-memory tensor (no DataLoader overhead);
 # bigger ones stream from the memory-mapped cache through DataLoader workers.
@@ -27,13 +29,18 @@ IN_MEMORY_BYTES = 4 * 1024**3
 ON_DEVICE_BYTES = 2 * 1024**3
 
 
-def epoch_permutation(n: int, *, shuffle: bool, seed: int, world: int = 1) -> torch.Tensor:
+def epoch_permutation(
+    n: int, *, shuffle: bool, seed: int, world: int = 1, probs: np.ndarray | None = None
+) -> torch.Tensor:
     """The global sample order of one epoch, padded by wrapping to a multiple of `world`.
 
     Padding lets every rank run the same number of equally sized steps (DDP needs that); with
-    one process nothing is padded.
+    one process nothing is padded. With `probs` (per-sample draw probabilities) the epoch is `n`
+    draws with replacement instead of a permutation.
     """
-    if shuffle:
+    if probs is not None:
+        order = balanced_order(probs, seed)
+    elif shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     else:
         order = torch.arange(n)
@@ -74,6 +81,7 @@ class TensorBatches:
         device: torch.device | None = None,
         rank: int = 0,
         world: int = 1,
+        probs: np.ndarray | None = None,
     ) -> None:
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -81,7 +89,7 @@ class TensorBatches:
             x, y = x.to(device), y.to(device)  # (N, C, S, S) uint8 on the GPU: no per-step copy
         self.x, self.y = x, y  # (N, C, S, S) uint8, (N,) int64
         self.batch_size, self.shuffle = batch_size, shuffle
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.probs = rank, world, probs
         self.seed = 0
 
     def set_epoch_seed(self, seed: int) -> None:
@@ -92,12 +100,12 @@ class TensorBatches:
         return num_batches(len(self.y), self.batch_size * self.world, self.world)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self.shuffle and self.world == 1:  # contiguous slices are views: no copy
+        if not self.shuffle and self.world == 1 and self.probs is None:  # views: no copy
             for i in range(0, len(self.y), self.batch_size):
                 yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
             return
         order = epoch_permutation(
-            len(self.y), shuffle=self.shuffle, seed=self.seed, world=self.world
+            len(self.y), shuffle=self.shuffle, seed=self.seed, world=self.world, probs=self.probs
         ).to(self.x.device)
         for idx in rank_batches(order, self.batch_size * self.world, self.rank, self.world):
             yield self.x[idx], self.y[idx]
@@ -107,10 +115,17 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
     """This rank's batches as `[(index, batch_seed), ...]` for ImageArrayDataset.__getitems__."""
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, rank: int = 0, world: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        rank: int = 0,
+        world: int = 1,
+        probs: np.ndarray | None = None,
     ) -> None:
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.probs = rank, world, probs
         self.seed = 0
 
     def set_epoch_seed(self, seed: int) -> None:
@@ -121,7 +136,9 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
         return num_batches(self.n, self.batch_size * self.world, self.world)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = epoch_permutation(self.n, shuffle=self.shuffle, seed=self.seed, world=self.world)
+        order = epoch_permutation(
+            self.n, shuffle=self.shuffle, seed=self.seed, world=self.world, probs=self.probs
+        )
         batches = rank_batches(order, self.batch_size * self.world, self.rank, self.world)
         for b, idx in enumerate(batches):
             seq = np.random.SeedSequence([self.seed, b, self.rank])
@@ -162,18 +179,28 @@ def make_batches(
     num_workers: int,
     rank: int = 0,
     world: int = 1,
+    sample_probs: np.ndarray | None = None,
 ) -> TensorBatches | DataLoader:
     """Tensor slicing when there is no augmentation and the split fits in memory, else workers.
 
     `batch_size` is per process: each global batch of `batch_size * world` samples is split
-    across the ranks.
+    across the ranks. `sample_probs` (N,) switches shuffling to weighted draws with replacement.
     """
     augment = transform is not None and len(transform) > 0
     if not augment and images.nbytes <= IN_MEMORY_BYTES:
         return TensorBatches(
-            images, labels, batch_size, shuffle=shuffle, device=device, rank=rank, world=world
+            images,
+            labels,
+            batch_size,
+            shuffle=shuffle,
+            device=device,
+            rank=rank,
+            world=world,
+            probs=sample_probs,
         )
-    sampler = SeededBatchSampler(len(labels), batch_size, shuffle=shuffle, rank=rank, world=world)
+    sampler = SeededBatchSampler(
+        len(labels), batch_size, shuffle=shuffle, rank=rank, world=world, probs=sample_probs
+    )
     return DataLoader(
         ImageArrayDataset(images, labels, transform),
         batch_sampler=sampler,

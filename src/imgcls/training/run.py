@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 import imgcls
 from imgcls.config import Params
@@ -88,6 +89,19 @@ def config_hash(params: Params, data_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def build_model(params: Params, data: SplitData) -> nn.Module:
+    """The configured architecture for this data's channels and classes (fresh weights)."""
+    return create_model(
+        params.model.name,
+        in_chans=data.channels,
+        num_classes=len(data.classes),
+        image_size=params.train.image_size,
+        pretrained=params.model.pretrained,
+        pretrained_path=params.model.pretrained_path,
+        **params.model.kwargs,
+    )
+
+
 def train_model(
     params: Params,
     data: SplitData,
@@ -112,15 +126,7 @@ def train_model(
     mean, std = channel_stats(train_x)
     distributed.setup(dist, select_device(cfg.device))
     with distributed.main_first(dist):  # one download into the hub cache, not one per rank
-        net = create_model(
-            params.model.name,
-            in_chans=data.channels,
-            num_classes=len(data.classes),
-            image_size=cfg.image_size,
-            pretrained=params.model.pretrained,
-            pretrained_path=params.model.pretrained_path,
-            **params.model.kwargs,
-        )
+        net = build_model(params, data)
     if dist.rank:  # same initial weights on every rank, but each draws its own dropout masks
         seed_everything(params.base.seed + dist.rank, cfg.deterministic)
     transform = build_transform(params.augment.train, "augment.train")
@@ -138,6 +144,7 @@ def train_model(
         on_epoch_end=on_epoch_end,
         progress=progress,
         dist=dist,
+        classes=data.classes,
     )
     meta = {
         "arch": params.model.name,
@@ -153,6 +160,8 @@ def train_model(
         "monitor": cfg.monitor,
         "monitor_value": result.best_value,
         "weights": "ema" if cfg.ema_decay else "trained",  # which weights the best epoch kept
+        "class_weights": result.extra["class_weights"],  # as applied to the loss
+        "sampler": cfg.sampler,
         "imgcls_version": imgcls.__version__,
     }
     return result, meta

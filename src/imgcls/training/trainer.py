@@ -25,6 +25,12 @@ from imgcls.training import checkpoint, distributed
 from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
 from imgcls.training.distributed import Dist, gather_objects, gather_rows
 from imgcls.training.ema import ModelEma
+from imgcls.training.imbalance import (
+    WeightedCrossEntropy,
+    describe_weights,
+    loss_class_weights,
+    sample_weights,
+)
 from imgcls.training.loop import (
     NonFiniteLossError,
     Preprocess,
@@ -37,6 +43,10 @@ from imgcls.training.loop import (
 log = logging.getLogger("imgcls.train")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+# Per-class validation recall goes into every epoch row (history, train.json, MLflow) up to this
+# many classes; beyond that the rows would be mostly columns (evaluate reports every class).
+PER_CLASS_MAX = 50
 
 
 class TrainingError(ImgclsError):
@@ -90,6 +100,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def make_loss(cfg: TrainConfig, class_weights: np.ndarray | None = None) -> nn.Module:
+    """The training loss: softmax cross-entropy, optionally class-weighted and label-smoothed.
+
+    The one place that maps the task to its loss, so that other heads (binary, multi-label) can
+    be added here as a switch.
+    """
+    if class_weights is None:
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    weight = torch.as_tensor(class_weights, dtype=torch.float32)  # (K,)
+    return WeightedCrossEntropy(weight, label_smoothing=cfg.label_smoothing)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -113,22 +135,39 @@ def make_scheduler(
 
 
 def classification_scores(
-    logits: np.ndarray, labels: np.ndarray, num_classes: int
+    logits: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    classes: list[str] | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro precision / recall / F1 (scikit-learn)."""
+    """Loss, accuracy, macro precision / recall / F1 and, given `classes`, per-class recall."""
     if len(labels) == 0:
         return {}
     pred = logits.argmax(1)
     p, r, f, _ = precision_recall_fscore_support(
         labels, pred, labels=list(range(num_classes)), average="macro", zero_division=0
     )
-    return {
+    out = {
         "loss": cross_entropy_from_logits(logits, labels),
         "accuracy": float(accuracy_score(labels, pred)),
         "precision_macro": float(p),
         "recall_macro": float(r),
         "f1_macro": float(f),
     }
+    if classes:
+        # Macro figures hide a rare class that is never predicted; its own recall shows it.
+        _, recall, _, _ = precision_recall_fscore_support(
+            labels, pred, labels=list(range(num_classes)), average=None, zero_division=0
+        )
+        for name, value in zip(classes, recall, strict=True):
+            key = f"recall_{metric_name(name)}"
+            out[key if key not in out else f"recall_class_{metric_name(name)}"] = float(value)
+    return out
+
+
+def metric_name(label: str) -> str:
+    """A class name usable inside a flat metric key (the same rule as evaluate's per-class keys)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
 
 
 @dataclass
@@ -212,12 +251,15 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
     dist: Dist | None = None,
+    classes: list[str] | None = None,
 ) -> FitResult:
     """Train `model`, validating every epoch; resume a checkpoint of the same config.
 
     With several processes (`dist`), every rank trains on its share of each global batch under
     DDP, validation predictions are gathered so that every rank computes the same metrics (and
     takes the same early-stopping decision), and only rank 0 logs and writes the checkpoint.
+    `classes` (names of the label indices) enables `train.class_weights` given as a mapping and
+    the per-class validation recall in each epoch row.
     """
     dist = dist or Dist()
     device = distributed.setup(dist, select_device(cfg.device))
@@ -237,6 +279,21 @@ def fit(
     workers = cfg.num_workers
     if workers == "auto":
         workers = auto_workers(device, dist.world_size)
+    names = classes or [str(i) for i in range(num_classes)]
+    # From the full train labels, which every rank holds: identical weights on every rank.
+    class_weights = loss_class_weights(cfg.class_weights, train_data[1], names)
+    sample_probs = sample_weights(train_data[1], num_classes) if cfg.sampler == "balanced" else None
+    if class_weights is not None or sample_probs is not None:
+        say(
+            "imbalance: class_weights %s, sampler %s",
+            describe_weights(class_weights, names),
+            cfg.sampler,
+        )
+    if class_weights is not None and sample_probs is not None and dist.is_main:
+        log.warning(
+            "train.class_weights and train.sampler: balanced both correct for imbalance; "
+            "together they usually over-correct (the rare classes then dominate)"
+        )
     train_batches = make_batches(
         *train_data,
         train_transform,
@@ -246,6 +303,7 @@ def fit(
         num_workers=workers,
         rank=dist.rank,
         world=dist.world_size,
+        sample_probs=sample_probs,
     )
     rows = shard_rows(len(val_data[1]), dist.rank, dist.world_size)
     val_batches = make_batches(
@@ -260,7 +318,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = make_loss(cfg, class_weights).to(device)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     train_net: nn.Module = model
     if dist.enabled:
@@ -343,7 +401,9 @@ def fit(
         if len(val_labels) == 0:
             val_logits = np.zeros((0, num_classes), np.float32)
         val_logits, val_labels = gather_rows(val_logits), gather_rows(val_labels)
-        val = classification_scores(val_logits, val_labels, num_classes)
+        val = classification_scores(
+            val_logits, val_labels, num_classes, names if num_classes <= PER_CLASS_MAX else None
+        )
         row = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -413,7 +473,10 @@ def fit(
             stopped_early = True
             break
     model.load_state_dict(best_state)
-    return FitResult(model, history, best_epoch, float(best_value), stopped_early, start_epoch)
+    extra = {"class_weights": describe_weights(class_weights, names), "sampler": cfg.sampler}
+    return FitResult(
+        model, history, best_epoch, float(best_value), stopped_early, start_epoch, extra
+    )
 
 
 def _quiet(*_: Any) -> None:
