@@ -239,24 +239,25 @@ def test_model_uri_loads_the_train_stage_logged_model(trained, tmp_path) -> None
 
     root, model, data = trained
     clf, meta = load_bundle(model)
+    name = f"patterns-{tmp_path.name}"  # unique: other tests in this process register models too
     run = Run.start(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t"))
     run.log_pytorch_model(
         clf,
         input_example=np.asarray(data.images[:2]),
         metadata=meta,
-        registered_name="patterns",
+        registered_name=name,
     )
     assert run.not_logged == []
     files = _test_files(root, data)
     local = predict_paths(load_predictor(model, device="cpu"), files, progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", run.uri)
-        for uri in (f"runs:/{run.run_id}/model", "models:/patterns/1"):
+        for uri in (f"runs:/{run.run_id}/model", f"models:/{name}/1"):
             remote = predict_paths(load_predictor(None, uri, "cpu"), files, progress=False)
             for a, b in zip(local, remote, strict=True):
                 assert a.label == b.label and a.top[0][1] == pytest.approx(b.top[0][1], abs=1e-5)
         with pytest.raises(Exception, match="cannot load the MLflow model"):
-            load_predictor(None, "models:/patterns/7", "cpu")
+            load_predictor(None, f"models:/{name}/7", "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
