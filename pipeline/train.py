@@ -37,36 +37,44 @@ def main() -> None:
     # MLflow and writes outputs, the others just train their share of each batch.
     dist = distributed.from_env()
     distributed.setup(dist, select_device(cfg.device))
-    with distributed.main_first(dist):  # rank 0 fills the decode cache, the others reuse it
-        data = load_split_data(
-            args.splits,
-            Path.cwd(),
-            cfg.image_size,
-            cfg.channels,
-            args.cache_dir,
-            progress=dist.is_main,
-        )
     build_transform(params.augment.eval, "augment.eval")  # fail on a bad entry before training
-
     augment = build_transform(params.augment.train, "augment.train")
     run = None
     if dist.is_main:
-        run = tracking.start_pipeline_run(  # fails fast, before training, if the store is down
+        # Fails fast (milliseconds) if the store is unusable; mlflow's import and the run's
+        # creation then overlap with decoding and training on the run's worker thread.
+        run = tracking.start_pipeline_run(
             params,
             splits_csv=args.splits,
             reports_dir=args.reports,
             device=str(select_device(cfg.device)),
             extra_dicts={"config/augment.train.json": serialize(augment)},
         )
-    if run is not None:
-        grid = augmentation_grid(*data.part("train"), data.classes, augment, seed=params.base.seed)
-        run.log_image(grid, "figures/augmentation_grid.png")
 
     def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
         if run is not None:
+            run.check()  # a run that could not be created stops training at the first epoch
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
     try:
+        with distributed.main_first(dist):  # rank 0 fills the decode cache, the others reuse it
+            data = load_split_data(
+                args.splits,
+                Path.cwd(),
+                cfg.image_size,
+                cfg.channels,
+                args.cache_dir,
+                progress=dist.is_main,
+            )
+        if run is not None:
+            run.check()
+            grid_args = (*data.part("train"), data.classes, augment)
+            run.submit(
+                lambda r: r.log_image(
+                    augmentation_grid(*grid_args, seed=params.base.seed),
+                    "figures/augmentation_grid.png",
+                )
+            )
         result, meta = train_model(
             params, data, checkpoint_path=args.checkpoint, on_epoch_end=on_epoch_end, dist=dist
         )
@@ -79,6 +87,17 @@ def main() -> None:
     if not dist.is_main:
         return
     save_bundle(args.model, result.model, meta)
+    # The models are logged on the run's worker while this thread writes the other outputs.
+    run_info = tracking.finish_train_run(
+        run,
+        params,
+        best_epoch=result.best_epoch,
+        best_value=result.best_value,
+        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"]),
+        input_example=np.asarray(data.images[:2]),  # 2 samples: keeps the batch size dynamic
+        metadata=meta,
+        model_path=args.model,
+    )
     history = pd.DataFrame(result.history)
     write_csv(args.history, history)
     best = history[history["epoch"] == result.best_epoch].iloc[0].to_dict()
@@ -91,16 +110,7 @@ def main() -> None:
             **{k: float(v) for k, v in best.items() if k != "epoch"},
         },
     )
-    run_info = tracking.finish_train_run(
-        run,
-        params,
-        best_epoch=result.best_epoch,
-        best_value=result.best_value,
-        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"]),
-        input_example=np.asarray(data.images[:2]),  # 2 samples: keeps the batch size dynamic
-        metadata=meta,
-    )
-    write_json(args.run_file, run_info)
+    write_json(args.run_file, run_info())
     print(f"train: best epoch {result.best_epoch}, {cfg.monitor} {result.best_value:.4f}")
 
 

@@ -1,12 +1,15 @@
 """The pipeline against a real `mlflow server` (SQLite backend, artifact proxying) on 127.0.0.1.
 
 Runs real `dvc repro` with MLFLOW_TRACKING_URI pointing at the server, reads the run back over
-HTTP and loads the logged model; then kills a server mid-training and checks that training
-finishes, local outputs are written and the warning lists what was not logged.
+HTTP and loads the logged model, then serves the registered version with `mlflow models serve`
+and posts a real PNG to it; then kills a server mid-training and checks that training finishes,
+local outputs are written and the warning lists what was not logged.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +104,36 @@ def mlflow_server(tmp_path: Path) -> Iterator[Server]:
         server.stop()
 
 
+@contextlib.contextmanager
+def model_server(
+    model_uri: str, tracking_uri: str, log: Path, timeout: float = 120
+) -> Iterator[str]:
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", proc, "")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"model server exited:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{server.url}/ping", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"no answer:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield server.url
+    finally:
+        server.stop()
+
+
 def run(
     *cmd: str, cwd: Path, uri: str | None, check: bool = True, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
@@ -181,8 +214,27 @@ def test_pipeline_logs_to_a_real_server_and_reads_back(
         probs, clf(torch.from_numpy(np.array(images[:5]))).detach(), atol=1e-5
     )
     assert (probs.argmax(1) == labels[:5]).mean() >= 0.6
+    # tracking.register_model registers the servable pyfunc model (the pytorch one is not)
     versions = client.search_model_versions("name='imgcls-digits'")
     assert [v.run_id for v in versions] == [info["run_id"]]
+    assert info["serving_model_uri"] and info["serving_model_uri"] != info["model_uri"]
+
+    # serve the registered version over HTTP and post a real PNG of the test split, base64
+    test_paths = data.frame.loc[data.frame["split"] == "test", "path"].tolist()[:3]
+    files = [root / path for path in test_paths]  # the same order as data.part("test")
+    with model_server(
+        f"models:/imgcls-digits/{versions[0].version}", mlflow_server.url, tmp_path / "serve.log"
+    ) as url:
+        body = {"inputs": [base64.b64encode(f.read_bytes()).decode() for f in files]}
+        resp = requests.post(f"{url}/invocations", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        rows = resp.json()["predictions"]
+    expected = clf(torch.from_numpy(np.array(images[:3]))).detach().numpy()
+    assert len(rows) == 3
+    for row, want in zip(rows, expected, strict=True):
+        assert row["error"] is None and row["label"] == str(int(want.argmax()))
+        got = [row["probabilities"][str(d)] for d in range(10)]
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_server_dropping_mid_run_lets_training_finish(tmp_path: Path) -> None:
@@ -203,7 +255,9 @@ def test_server_dropping_mid_run_lets_training_finish(tmp_path: Path) -> None:
         assert train.stdout is not None
         for line in train.stdout:
             lines.append(line)
-            if "epoch 2/8" in line:  # two epochs logged: now the server goes away
+            if "epoch 2/8" in line:  # two epochs trained: now the server goes away
+                # logging is asynchronous: wait until step 2 has reached the server
+                wait_for_step(MlflowClient(server.url), 2, timeout=60)
                 server.stop()
                 break
         lines.extend(train.stdout)
@@ -227,3 +281,18 @@ def test_server_dropping_mid_run_lets_training_finish(tmp_path: Path) -> None:
     steps = [m.step for m in client.get_metric_history(info["run_id"], "train_loss")]
     assert steps[:2] == [1, 2] and len(steps) < 8
     assert got.info.status == "RUNNING"  # nobody could close it; the UI shows it unfinished
+
+
+def wait_for_step(client: MlflowClient, step: int, timeout: float) -> None:
+    """Poll until the only run in the store has `train_loss` logged at `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], max_results=1
+        )
+        if runs:
+            history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+            if any(m.step >= step for m in history):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never reached the server")

@@ -5,10 +5,13 @@ Every test talks to a real MLflow store (SQLite in tmp_path) or a real closed po
 
 from __future__ import annotations
 
+import http.server
 import logging
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from imgcls.config import TrackingConfig, parse_params
 from imgcls.tracking import (
+    BackgroundRun,
     Run,
     TrackingError,
     artifact_location,
     describe_not_logged,
+    finish_train_run,
     flatten,
     pipeline_tags,
+    probe,
     resolve_uri,
     resume_run,
     start_pipeline_run,
@@ -206,3 +212,114 @@ def test_logged_model_accepts_any_batch_size_and_registers(store: str) -> None:
         assert torch_model(torch.from_numpy(x)).shape == (batch, 3)
     versions = MlflowClient(store).search_model_versions("name='digits'")
     assert [v.run_id for v in versions] == [run.run_id]
+
+
+@pytest.fixture
+def not_mlflow_server() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers every request with 404 (not an MLflow)."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:  # keep pytest's output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["http", "sqlite-in-a-file", "sqlite-missing-folder"])
+def test_probe_is_cheap_and_fails_before_any_training(
+    tmp_path: Path, kind: str, store: str
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    uri = {
+        "http": f"http://127.0.0.1:{closed_port()}",
+        "sqlite-in-a-file": f"sqlite:///{blocker}/mlflow.db",
+        "sqlite-missing-folder": f"sqlite:///{tmp_path}/missing/mlflow.db",
+    }[kind]
+    params = parse_params({"tracking": {"uri": uri}})
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match="tracking.enabled: false") as err:
+        start_pipeline_run(params, splits_csv=tmp_path / "s", reports_dir=tmp_path, device="cpu")
+    assert time.monotonic() - t0 < 2 and uri in str(err.value)
+    probe(f"sqlite:///{tmp_path}/mlflow.db")  # a writable folder passes
+    assert not (tmp_path / "mlflow.db").exists()  # the probe creates nothing
+
+
+def test_a_start_failure_in_the_background_stops_training(
+    tmp_path: Path, not_mlflow_server: str, store: str
+) -> None:
+    params = parse_params({"tracking": {"uri": not_mlflow_server}})
+    splits = tmp_path / "splits.csv"
+    splits.write_text("path,label,split\n")
+    run = start_pipeline_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
+    assert isinstance(run, BackgroundRun)  # the HTTP probe got an answer: started in background
+    run.log_metrics({"train_loss": 1.0}, step=1)  # queued; never raises on the training thread
+    with pytest.raises(TrackingError, match=not_mlflow_server):
+        run.join()
+    with pytest.raises(TrackingError):
+        run.check()  # what the train stage calls at every epoch end
+    run.end("FAILED")  # nothing to end: must not raise
+
+
+def test_background_run_keeps_order_and_finish_logs_both_models(tmp_path: Path, store: str) -> None:
+    from imgcls.models.bundle import ImageClassifier, save_bundle
+    from imgcls.models.registry import create_model
+
+    params = parse_params({"tracking": {"uri": store, "register_model": "bg-digits"}})
+    splits = tmp_path / "splits.csv"
+    splits.write_text("path,label,split\n")
+    run = start_pipeline_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
+    assert run is not None
+    for epoch in range(1, 6):
+        run.log_metrics({"val_loss": 1.0 / epoch}, step=epoch)
+    meta = {
+        "arch": "simple_cnn",
+        "model_kwargs": {"widths": [8, 16]},
+        "classes": ["a", "b", "c"],
+        "image_size": 16,
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.25],
+    }
+    net = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[8, 16])
+    save_bundle(tmp_path / "model.pt", net, meta)
+    wait = finish_train_run(
+        run,
+        params,
+        best_epoch=5,
+        best_value=0.2,
+        model=ImageClassifier(net.eval(), meta["mean"], meta["std"]).eval(),
+        input_example=np.zeros((2, 16, 16, 1), np.uint8),
+        metadata=meta,
+        model_path=tmp_path / "model.pt",
+    )
+    record = wait()
+    assert record["not_logged"] == [] and record["run_id"] == run.run_id
+    assert record["model_uri"].startswith("models:/") and record["serving_model_uri"]
+    client = MlflowClient(store)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "RUNNING"  # evaluate logs into it and closes it
+    assert got.data.metrics["best_epoch"] == 5
+    steps = [m.step for m in client.get_metric_history(run.run_id, "val_loss")]
+    assert steps == [1, 2, 3, 4, 5]
+    (version,) = client.search_model_versions("name='bg-digits'")
+    assert version.run_id == run.run_id
+    # the registered version is the servable pyfunc, not the torch.export program
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    served = mlflow.pyfunc.load_model("models:/bg-digits/1")
+    rows = served.predict(np.zeros((1, 16, 16, 1), np.uint8))
+    assert set(rows[0]["probabilities"]) == {"a", "b", "c"}
