@@ -71,6 +71,31 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+def backward_and_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+) -> None:
+    """Backward pass, optional gradient clipping, optimizer step (fp16 loss scaling aware)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    else:
+        loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     prep: Preprocess,
@@ -106,20 +131,7 @@ def train_one_epoch(
         bad |= ~torch.isfinite(loss.detach())
         if step % check_every == 0 and bool(all_reduce_sum(bad.float()) > 0):
             raise NonFiniteLossError(f"the loss is not finite (after {seen + len(y)} images)")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        else:
-            loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        backward_and_step(loss, model, optimizer, scaler=scaler, grad_clip=grad_clip)
         if scheduler is not None:
             scheduler.step()
         if on_step is not None:

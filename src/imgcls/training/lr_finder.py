@@ -30,7 +30,7 @@ from imgcls.io import atomic_path
 from imgcls.training import checkpoint
 from imgcls.training.batches import auto_workers, make_batches, set_epoch
 from imgcls.training.imbalance import loss_class_weights, sample_weights
-from imgcls.training.loop import Preprocess, Runtime
+from imgcls.training.loop import Preprocess, Runtime, backward_and_step
 from imgcls.training.run import SplitData, build_model
 from imgcls.training.trainer import (
     make_loss,
@@ -145,20 +145,7 @@ def _step(
     x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
     with rt.autocast():
         loss = loss_fn(model(prep(x)), y)  # (B, K) logits -> scalar
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    backward_and_step(loss, model, optimizer, scaler=scaler, grad_clip=grad_clip)
     return float(loss.detach().float().item())
 
 
