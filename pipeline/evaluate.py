@@ -4,11 +4,12 @@ import argparse
 from pathlib import Path
 
 from imgcls.config import EvaluateConfig, load_params
-from imgcls.evaluation.evaluate import Report, evaluate_data, mlflow_metrics
+from imgcls.evaluation.evaluate import Report, evaluate_data, mlflow_metrics, summary_line
 from imgcls.evaluation.figures import pyplot
 from imgcls.io import atomic_path, write_csv, write_json
 from imgcls.models.bundle import load_bundle
 from imgcls.stage import run_stage
+from imgcls.task import task_of
 from imgcls.tracking import resume_run
 from imgcls.training.run import load_split_data
 
@@ -16,6 +17,9 @@ from imgcls.training.run import load_split_data
 def evaluate(args: argparse.Namespace, cfg: EvaluateConfig) -> Report:
     """Load the model and the images, predict every configured split and build the report."""
     clf, meta = load_bundle(args.model)
+    task = task_of(meta)
+    # The model's class order (binary: [negative, positive]) and task decide how labels are
+    # encoded: class indices, or (N, K) multi-hot for multi-label rows ("cat|dog").
     data = load_split_data(
         args.splits,
         Path.cwd(),
@@ -23,8 +27,11 @@ def evaluate(args: argparse.Namespace, cfg: EvaluateConfig) -> Report:
         meta["channels"],
         args.cache_dir,
         classes=meta["classes"],
+        task=task,
     )
-    return evaluate_data(clf, data, cfg, where=str(args.splits))
+    return evaluate_data(
+        clf, data, cfg, where=str(args.splits), task=task, thresholds=meta.get("thresholds")
+    )
 
 
 def main() -> None:
@@ -66,11 +73,7 @@ def main() -> None:
         run.log_artifact(args.metrics, "evaluation")
         run.end("FINISHED")
         run.warn_not_logged("evaluate")
-    main = report.main
-    print(
-        f"evaluate: {main.split} accuracy {main.metrics['accuracy']:.4f}, "
-        f"macro F1 {main.metrics['f1_macro']:.4f} -> {args.metrics}"
-    )
+    print(f"evaluate: {summary_line(report.main)} -> {args.metrics}")
 
 
 if __name__ == "__main__":

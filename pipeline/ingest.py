@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from imgcls.config import load_params
-from imgcls.data.manifest import build_manifest
+from imgcls.data.manifest import build_manifest, describe_labels
 from imgcls.io import write_csv
 from imgcls.stage import run_stage
 
@@ -20,7 +20,8 @@ def main() -> None:
     manifest = build_manifest(params.data, Path.cwd(), args.raw_dir)
     write_csv(args.manifest, manifest)
     bad = int((manifest["error"] != "").sum())
-    print(f"ingest: {len(manifest)} files, {manifest['label'].nunique()} classes, {bad} unreadable")
+    labels = describe_labels(manifest, params.data)
+    print(f"ingest: {len(manifest)} files, {labels}, {bad} unreadable")
 
 
 if __name__ == "__main__":

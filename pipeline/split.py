@@ -19,9 +19,15 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     previous = read_csv(args.splits) if params.split.stable and args.splits.is_file() else None
-    splits = assign_splits(read_csv(args.valid), params.split, params.base.seed, previous)
+    multi_label = params.data.multi_label  # label cells are sets "cat|dog": stratify by both
+    splits = assign_splits(
+        read_csv(args.valid), params.split, params.base.seed, previous, multi_label=multi_label
+    )
     report = split_report(
-        splits, params.split, near_duplicate_threshold=params.validate_.near_duplicate_threshold
+        splits,
+        params.split,
+        near_duplicate_threshold=params.validate_.near_duplicate_threshold,
+        multi_label=multi_label,
     )
     write_csv(args.splits, splits)
     write_json(args.report, report)

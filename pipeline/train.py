@@ -14,7 +14,7 @@ from imgcls.io import write_csv, write_json
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.stage import run_stage
 from imgcls.training import distributed
-from imgcls.training.run import load_split_data, train_model
+from imgcls.training.run import load_training_data, train_model
 from imgcls.training.trainer import select_device
 
 
@@ -58,13 +58,8 @@ def main() -> None:
 
     try:
         with distributed.main_first(dist):  # rank 0 fills the decode cache, the others reuse it
-            data = load_split_data(
-                args.splits,
-                Path.cwd(),
-                cfg.image_size,
-                cfg.channels,
-                args.cache_dir,
-                progress=dist.is_main,
+            data = load_training_data(
+                params, args.splits, Path.cwd(), args.cache_dir, progress=dist.is_main
             )
         if run is not None:
             run.check()
@@ -93,7 +88,7 @@ def main() -> None:
         params,
         best_epoch=result.best_epoch,
         best_value=result.best_value,
-        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"]),
+        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"], meta["task"]),
         input_example=np.asarray(data.images[:2]),  # 2 samples: keeps the batch size dynamic
         metadata=meta,
         model_path=args.model,

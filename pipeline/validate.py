@@ -21,7 +21,10 @@ def main() -> None:
     ap.add_argument("--markdown", default="reports/validation.md", type=Path)
     args = ap.parse_args()
     params = load_params(args.params)
-    result = validate_manifest(read_csv(args.manifest), params.validate_)
+    # data.multi_label: class rules count individual labels of the "cat|dog" label sets
+    result = validate_manifest(
+        read_csv(args.manifest), params.validate_, multi_label=params.data.multi_label
+    )
     if not result.ok:
         # Not a DVC output: earlier good outputs and dvc.lock stay as they were.
         failed = args.markdown.with_name("validation-failed.md")

@@ -15,7 +15,13 @@ from sklearn.metrics import f1_score, precision_score, top_k_accuracy_score
 from tests.conftest import REPO
 
 from imgcls.config import EvaluateConfig
-from imgcls.evaluation.evaluate import evaluate_data, flat_metrics, mlflow_metrics
+from imgcls.evaluation.evaluate import (
+    evaluate_data,
+    flat_metrics,
+    mlflow_metrics,
+    score_split,
+    summary_line,
+)
 from imgcls.evaluation.figures import plot_confusion, plot_pr_curves, pyplot, short
 from imgcls.evaluation.gallery import augmentation_grid, confident_mistakes, plot_mistakes
 from imgcls.evaluation.metrics import classification_metrics, confusion, confusion_long
@@ -74,6 +80,16 @@ def test_val_split_is_prefixed_and_mlflow_keys_name_their_split() -> None:
     assert flat["f1_rock"] == flat["val_f1_rock"] == m["f1_rock"]
     tracked = mlflow_metrics(flat)
     assert "test_f1_rock" in tracked and "val_f1_rock" in tracked and "f1_rock" not in tracked
+
+
+def test_multiclass_decides_by_argmax_whatever_the_thresholds() -> None:
+    y, p = _predictions(3)
+    res = score_split("test", y, p, ["rock", "paper", "scissors"], thresholds=[0.99])
+    assert res.task == "multiclass" and res.thresholds is None
+    assert np.array_equal(res.y_pred, p.argmax(1))
+    assert res.metrics == classification_metrics(y, p, ["rock", "paper", "scissors"])
+    m = res.metrics
+    assert summary_line(res) == f"test accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}"
 
 
 def test_confusion_rows_are_one_per_sample_for_dvc_plots() -> None:
@@ -228,7 +244,7 @@ def test_report_has_every_figure_and_table(pattern_splits: tuple[Path, Path]) ->
     clf, _ = _bundle(root, splits)
     data = load_split_data(splits, root, 16, "auto", root / "cache", progress=False)
     report = evaluate_data(clf, data, EvaluateConfig(splits=["test", "val"], gallery_size=4))
-    assert report.main.split == "test"
+    assert report.main.split == "test" and report.main.task == "multiclass"
     assert {"accuracy", "val_accuracy", "f1_vertical", "val_f1_vertical"} <= set(report.metrics)
     assert set(report.figures) == {
         "confusion_matrix.png",

@@ -216,15 +216,13 @@ def _cmd_lr_find(args: argparse.Namespace) -> None:
     """LR range test on the train split: plot, suggestion, and the command to try it."""
     from imgcls.stage import setup_logging
     from imgcls.training import lr_finder
-    from imgcls.training.run import load_split_data
+    from imgcls.training.run import load_training_data
     from imgcls.training.trainer import select_device
 
     setup_logging()
     params = load_params(args.params)
     cfg = params.train
-    data = load_split_data(
-        args.splits, Path.cwd(), cfg.image_size, cfg.channels, args.cache_dir, progress=True
-    )
+    data = load_training_data(params, args.splits, Path.cwd(), args.cache_dir, progress=True)
     n_train = int((data.frame["split"] == "train").sum())
     print(
         f"lr-find: {args.iters} steps, lr {args.start:g} -> {args.end:g}, {params.model.name}, "

@@ -110,6 +110,10 @@ class DataConfig(Strict):
     max_archive_bytes: int = Field(4 * 1024**3, gt=0)  # refuse archives that unpack larger
     max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's decompression-bomb limit
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
+    # Multi-label data (docs/multi-label.md): a labels CSV's `label` cell holds several labels
+    # joined by `label_separator`; ingest stores them sorted and joined by "|".
+    multi_label: bool = False
+    label_separator: str = Field("|", min_length=1)
 
 
 # --------------------------------------------------------------------------- validate
@@ -173,6 +177,11 @@ class ModelConfig(Strict):
     pretrained: bool = False
     pretrained_path: str | None = None  # local .safetensors / .pth weights
     kwargs: dict[str, Any] = {}  # passed to the model constructor (widths, dropout, ...)
+    # Output head (docs/heads.md): softmax (one class per image), binary (one logit + BCE and a
+    # decision threshold tuned on val; exactly 2 classes), multilabel (one sigmoid per label).
+    # auto = multilabel when data.multi_label is true, else softmax.
+    head: Literal["auto", "softmax", "binary", "multilabel"] = "auto"
+    positive_class: str | None = None  # binary: the "yes" class (default: 2nd in sorted order)
 
 
 # --------------------------------------------------------------------------- augment
@@ -242,6 +251,8 @@ class TrainConfig(Strict):
     # Epoch order: shuffle (each image once) or balanced (drawn with replacement, every class
     # equally likely; same epoch length).
     sampler: Literal["shuffle", "balanced"] = "shuffle"
+    # binary / multilabel heads: the metric the decision threshold(s) maximise on the val split.
+    threshold_metric: Literal["f1", "f0.5", "f2", "balanced_accuracy"] = "f1"
 
     @model_validator(mode="after")
     def _workers(self) -> TrainConfig:

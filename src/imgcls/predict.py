@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from imgcls.data.dataset import load_image
 from imgcls.errors import ImgclsError
 from imgcls.models.bundle import load_bundle
+from imgcls.task import Task, decided_labels, task_of
 
 # What a folder is searched for; a file named explicitly is tried whatever its suffix.
 IMAGE_SUFFIXES = frozenset(
@@ -54,6 +55,16 @@ class Predictor:
     def classes(self) -> list[str]:
         """Class names in output order."""
         return [str(c) for c in self.meta["classes"]]
+
+    @property
+    def task(self) -> Task:
+        """multiclass, binary or multilabel (imgcls.task)."""
+        return task_of(self.meta)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Decision thresholds tuned on val (binary / multilabel; None for arg-max)."""
+        return self.meta.get("thresholds")
 
     @property
     def image_size(self) -> int:
@@ -214,16 +225,31 @@ def read_image(path: str, size: int, channels: int) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    """Top-k (class, probability) of one input, or the reason it could not be predicted."""
+    """The decided label and top-k (class, probability) of one input, or why it failed.
+
+    `label` is the model's decision: the top-1 class, the class on its side of a binary
+    model's tuned threshold, or a multi-label model's label set ("a|b", "" for none).
+    """
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    decision: str | None = None
+    decision_probability: float | None = None  # None for multi-label sets
 
     @property
     def label(self) -> str | None:
-        """The top-1 class (None for an error row)."""
+        """The decided label (None for an error row)."""
+        if self.decision is not None:
+            return self.decision
         return self.top[0][0] if self.top else None
+
+    @property
+    def probability(self) -> float | None:
+        """The probability of `label` (None for errors and multi-label sets)."""
+        if self.decision is not None:
+            return self.decision_probability
+        return self.top[0][1] if self.top else None
 
 
 def _decode_batch(
@@ -276,11 +302,15 @@ def iter_predictions(
             if images:
                 probs = predictor.probs(np.stack(images))  # (b, K)
                 order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                decided = decided_labels(
+                    predictor.task, probs, predictor.classes, predictor.thresholds
+                )
                 ok = iter(range(len(images)))
                 for row in rows:
                     if row.error is None:
                         j = next(ok)
                         row.top = [(predictor.classes[c], float(probs[j, c])) for c in order[j]]
+                        row.decision, row.decision_probability = decided[j]
             bar.update(len(batch))
             yield from rows
     bar.close()
@@ -311,6 +341,9 @@ def to_frame(preds: Sequence[Prediction], top_k: int) -> pd.DataFrame:
             has = i < len(p.top)
             row[lab] = p.top[i][0] if has else ""
             row[prob] = round(p.top[i][1], 6) if has else None
+        if not p.error:  # the decision (threshold / label set) may differ from the top-1 class
+            row["label"] = p.label
+            row["probability"] = None if p.probability is None else round(p.probability, 6)
         row["error"] = p.error or ""
         rows.append(row)
     columns = ["path", *[c for pair in names for c in pair], "error"]
@@ -323,7 +356,7 @@ def to_records(preds: Sequence[Prediction]) -> list[dict[str, Any]]:
         {
             "path": p.path,
             "label": p.label,
-            "probability": round(p.top[0][1], 6) if p.top else None,
+            "probability": None if p.probability is None else round(p.probability, 6),
             "top_k": [{"label": lab, "probability": round(v, 6)} for lab, v in p.top],
             "error": p.error,
         }
@@ -340,7 +373,8 @@ def format_table(preds: Sequence[Prediction]) -> str:
             lines.append([p.path, "ERROR", "", p.error])
         else:
             rest = ", ".join(f"{lab} {v:.3f}" for lab, v in p.top[1:])
-            lines.append([p.path, p.label or "", f"{p.top[0][1]:.3f}", rest])
+            prob = "" if p.probability is None else f"{p.probability:.3f}"
+            lines.append([p.path, p.label or "(none)", prob, rest])
     if not any(row[3] for row in lines):
         header, lines = header[:3], [row[:3] for row in lines]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]

@@ -33,6 +33,7 @@ from imgcls.data.dataset import load_image
 from imgcls.errors import ImgclsError
 from imgcls.models.bundle import load_bundle
 from imgcls.predict import decode_error
+from imgcls.task import decided_labels, split_labels, task_of
 
 MODEL_ARTIFACT = "model_file"  # key of the bundle in the pyfunc model's artifacts
 IMAGE_KEYS = ("image", "images", "image_base64", "b64")  # accepted dict keys / column names
@@ -197,17 +198,22 @@ class ImgclsServingModel(mlflow.pyfunc.PythonModel):
                 rows.append({"label": None, "probability": None, "probabilities": None})
                 rows[-1]["error"] = str(err)
         probs = self._probs(np.stack(good)) if good else np.zeros((0, len(classes)))
+        # The model's decision: arg-max, a binary model's tuned threshold, or a label set.
+        task = task_of(self.meta)
+        decided = iter(decided_labels(task, probs, classes, self.meta.get("thresholds")))
         it = iter(probs)
         for row in rows:
             if not row:
                 p = next(it)
-                best = int(p.argmax())
+                label, probability = next(decided)
                 row.update(
-                    label=classes[best],
-                    probability=float(p[best]),
+                    label=label,
+                    probability=probability,
                     probabilities={c: float(v) for c, v in zip(classes, p, strict=True)},
                     error=None,
                 )
+                if task == "multilabel":
+                    row["labels"] = split_labels(label)
         return rows
 
     @torch.no_grad()

@@ -145,7 +145,7 @@ class ImageArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
         self.images = images
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = label_tensor(labels)
         self.transform = transform if transform is not None and len(transform) else None
 
     def __len__(self) -> int:
@@ -180,3 +180,9 @@ class ImageArrayDataset(Dataset):
             out[j] = img
         x = torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, C, S, S) view: no copy
         return x, self.labels[torch.as_tensor(index)]
+
+
+def label_tensor(labels: np.ndarray) -> torch.Tensor:
+    """(N,) class indices as int64; (N, K) multi-hot multi-label targets as float32."""
+    labels = np.asarray(labels)
+    return torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)

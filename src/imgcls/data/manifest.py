@@ -28,6 +28,7 @@ from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
 from imgcls.data.sources import FoundFile, materialise, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
+from imgcls.task import label_classes
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,18 @@ def build_manifest(
         if col not in ("width", "height"):
             df[col] = df[col].astype(str)
     bad = int((df["error"] != "").sum())
-    log.info("manifest: %d files, %d with errors, %d classes", len(df), bad, df["label"].nunique())
+    log.info("manifest: %d files, %d with errors, %s", len(df), bad, describe_labels(df, cfg))
     return df
+
+
+def describe_labels(df: pd.DataFrame, cfg: DataConfig) -> str:
+    """ "3 classes", or for multi-label data "4 labels in 6 combinations" (usable rows only)."""
+    if not cfg.multi_label:
+        return f"{df['label'].nunique()} classes"
+    # quarantined rows may hold a raw, unsplittable label cell: leave them out of the count
+    labels = df.loc[df["error"] == "", "label"] if "error" in df.columns else df["label"]
+    n_labels = len(label_classes(labels, "multilabel"))
+    return f"{n_labels} labels in {labels.nunique()} combinations"
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from imgcls.data.imageinfo import write_png_chunk
 from imgcls.data.source_archive import archive_stem, extract_archive, is_archive
 from imgcls.data.source_download import download, url_filename
 from imgcls.errors import ImgclsError
+from imgcls.task import LABEL_SEP, join_labels
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ FASHION_CLASSES = [
 # the download digests).
 FASHION_LOCAL_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
 PRESETS = ("rps", "fashion-mnist")
+# Error (quarantine reason) of a multi-label row whose label holds the reserved joiner "|".
+RESERVED_SEP_ERROR = f"label contains '{LABEL_SEP}' (reserved to join labels)"
+MAX_LOGGED_LINES = 5  # CSV line numbers named per warning
 
 
 class SourceError(ImgclsError):
@@ -382,8 +386,47 @@ def _local_folder(spec: SourceSpec, path: Path, root: Path, raw_dir: Path) -> Pa
 # ----------------------------------------------------------------------------- labels CSV
 
 
-def read_labels_csv(csv_path: Path, images_root: Path, group_column: str) -> list[FoundFile]:
-    """Read `path,label[,group][,split]` rows; paths are relative to `images_root`."""
+def parse_label_cell(cell: str, multi_label: bool, separator: str = LABEL_SEP) -> tuple[str, str]:
+    """A labels CSV `label` cell -> (manifest label, error); multi-label: the canonical set.
+
+    Multi-label: `"dog; cat"` with separator ";" -> `("cat|dog", "")`. An empty set is
+    `("", "no label")`; a label holding the reserved joiner "|" (possible only with another
+    separator) keeps its cell as label and gets an error, so the row is quarantined with a reason.
+    """
+    cell = cell.strip()
+    if not multi_label:
+        return cell, "" if cell else "no label"
+    parts = [part.strip() for part in cell.split(separator)]
+    parts = [part for part in parts if part]
+    if not parts:
+        return "", "no label"
+    if any(LABEL_SEP in part for part in parts):
+        return cell, RESERVED_SEP_ERROR
+    return join_labels(parts), ""
+
+
+def _warn_lines(csv_path: Path, lines: list[int], what: str) -> None:
+    """One warning naming a few CSV line numbers (a big CSV must not flood the log)."""
+    if not lines:
+        return
+    shown = ", ".join(map(str, lines[:MAX_LOGGED_LINES]))
+    more = f" and {len(lines) - MAX_LOGGED_LINES} more" if len(lines) > MAX_LOGGED_LINES else ""
+    log.warning("%s: %d row(s) %s (line(s) %s%s)", csv_path, len(lines), what, shown, more)
+
+
+def read_labels_csv(
+    csv_path: Path,
+    images_root: Path,
+    group_column: str,
+    *,
+    multi_label: bool = False,
+    separator: str = LABEL_SEP,
+) -> list[FoundFile]:
+    """Read `path,label[,group][,split]` rows; paths are relative to `images_root`.
+
+    With `multi_label`, a label cell lists several labels joined by `separator`; the manifest
+    gets them sorted and joined by "|" (:func:`parse_label_cell`).
+    """
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -399,6 +442,8 @@ def read_labels_csv(csv_path: Path, images_root: Path, group_column: str) -> lis
             f"`{group_column}` and `split`"
         )
     files: list[FoundFile] = []
+    reserved: list[int] = []  # multi-label: lines whose label holds "|"
+    joined: list[int] = []  # single-label: lines whose one class name contains "|"
     for line, row in enumerate(rows, start=2):
         rel = row["path"].replace("\\", "/")
         if not rel:
@@ -406,10 +451,25 @@ def read_labels_csv(csv_path: Path, images_root: Path, group_column: str) -> lis
             continue
         path = os.path.normpath(images_root / rel)
         split = SPLIT_DIRS.get(row.get("split", "").lower(), "")
-        error = "" if os.path.isfile(path) else "missing file"
-        if not row["label"]:
-            error = error or "no label"
-        files.append(FoundFile(path, row["label"], split, row.get(group_column, ""), error))
+        label, label_error = parse_label_cell(row["label"], multi_label, separator)
+        if label_error == RESERVED_SEP_ERROR:
+            reserved.append(line)
+        elif not multi_label and LABEL_SEP in label:
+            joined.append(line)
+        error = ("" if os.path.isfile(path) else "missing file") or label_error
+        files.append(FoundFile(path, label, split, row.get(group_column, ""), error))
+    _warn_lines(
+        csv_path,
+        reserved,
+        f"have a label containing '{LABEL_SEP}', which multi-label data reserves to join labels "
+        f"(data.label_separator is {separator!r}); they are quarantined: rename those labels",
+    )
+    _warn_lines(
+        csv_path,
+        joined,
+        f"have a label containing '{LABEL_SEP}'; each is ONE class name because "
+        "data.multi_label is false (set data.multi_label: true if they list several labels)",
+    )
     return files
 
 
@@ -423,7 +483,33 @@ def _csv_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path) ->
         target = raw_dir / str(spec.name)
         mirror_folder(images_root, target)
         images_root = target
-    return read_labels_csv(csv_path, images_root, cfg.group.column)
+    return read_labels_csv(
+        csv_path,
+        images_root,
+        cfg.group.column,
+        multi_label=cfg.multi_label,
+        separator=cfg.label_separator,
+    )
+
+
+def _reserved_folder_labels(files: list[FoundFile], where: Path) -> list[FoundFile]:
+    """Multi-label: a class folder whose name holds "|" would read as several labels; refuse it."""
+    bad = {f.label for f in files if LABEL_SEP in f.label and not f.error}
+    if not bad:
+        return files
+    log.warning(
+        "%s: class folder(s) %s contain '%s', which multi-label data reserves to join labels; "
+        "their images are quarantined: rename the folders",
+        where,
+        ", ".join(sorted(map(repr, bad))[:MAX_LOGGED_LINES]),
+        LABEL_SEP,
+    )
+    return [
+        FoundFile(f.path, f.label, f.source_split, f.group, RESERVED_SEP_ERROR)
+        if f.label in bad and not f.error
+        else f
+        for f in files
+    ]
 
 
 # ----------------------------------------------------------------------------- generated PNGs
@@ -673,6 +759,8 @@ def materialise(
         files = scan.files
         if not files:
             log.warning("%s: source %r delivered no image files", folder, spec.name)
+        if cfg.multi_label:  # a folder gives each image one label: its class folder
+            files = _reserved_folder_labels(files, folder)
     if rule.by == "csv" and spec.kind != "csv":
         raise SourceError(
             f"data.group.by is 'csv' but source {spec.name!r} is a {spec.kind}, which has no "

@@ -14,6 +14,12 @@ Algorithm (details and rationale in docs/split.md):
    that can spare one; if none can, :class:`SplitError`.
 5. Local search (best move, else best pair swap) lowers the squared deviation further without
    ever removing a class from a split; this is what helps few, large, mixed-label groups.
+
+Multi-label data (``multi_label=True``, label cells "cat|dog"): the "classes" above become the
+columns of :func:`_multi_label_columns`: one stratum per label combination with enough groups,
+rare combinations pooled by their rarest label, plus one column per individual label. Every
+free group (one-image groups too) goes through the greedy, so each label reaches every split
+it has groups for, train first.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from imgcls.config import SplitConfig
 from imgcls.data.phash import near_duplicate_pairs as find_pairs
 from imgcls.data.phash import parse_phashes
 from imgcls.errors import ImgclsError
+from imgcls.task import join_labels, split_labels
 
 log = logging.getLogger("imgcls.split")
 
@@ -50,6 +57,7 @@ _MAX_EXAMPLES = 5
 # already within a fraction of a point); pair swaps cost O(groups^2) per step.
 LOCAL_SEARCH_MAX_GROUPS = 5000
 SWAP_MAX_GROUPS = 600
+MAX_REPORTED_COMBINATIONS = 1000  # combination x split rows in reports/split.json
 
 
 class SplitError(ImgclsError):
@@ -154,6 +162,100 @@ def _previous_rank(valid: pd.DataFrame, previous: pd.DataFrame) -> np.ndarray:
     return best
 
 
+# --------------------------------------------------------------------------- multi-label
+
+
+@dataclass(frozen=True)
+class Strata:
+    """How multi-label rows are stratified: one stratum per label combination, rare ones pooled."""
+
+    min_groups: int  # a combination with at least this many groups is its own stratum
+    groups: dict[str, int]  # combination -> number of groups holding it
+    stratum: dict[str, str]  # combination -> stratum ("combination:<set>" or "rare:<label>")
+    pooled: dict[str, list[str]]  # rarest label -> the rare combinations pooled under it
+
+
+def _check_label_sets(df: pd.DataFrame, what: str) -> None:
+    """Multi-label: raise SplitError for a label cell with no label in it ("|")."""
+    empty = _column(df, "label").map(lambda x: not split_labels(x))
+    if empty.any():
+        where = df.loc[empty, "path"].head(3).tolist() if "path" in df.columns else []
+        raise SplitError(
+            f"{what}: {int(empty.sum())} row(s) whose label set holds no label (e.g. {where}); "
+            "rerun ingest and validate (data.multi_label: true writes sets like 'cat|dog')"
+        )
+
+
+def _label_sets(labels: pd.Series) -> list[list[str]]:
+    """Each row's individual labels, sorted and unique ("dog|cat|dog" -> ["cat", "dog"])."""
+    return [split_labels(join_labels(split_labels(x))) for x in labels]
+
+
+def multi_label_strata(labels: pd.Series, groups: np.ndarray, min_groups: int) -> Strata:
+    """Stratify by label combination where it has `min_groups` groups; pool the rest.
+
+    A rarer combination joins the pool of its rarest label (fewest groups, then name), so the
+    labels that most need placing with care drive where their rows go; the per-label columns
+    of the split (see :func:`_multi_label_columns`) then keep every label in every split it
+    has enough groups for.
+    """
+    sets = _label_sets(labels)
+    combos = [join_labels(x) for x in sets]
+    per_combo = pd.DataFrame({"c": combos, "g": groups}).drop_duplicates().groupby("c").size()
+    flat = pd.DataFrame(
+        {"l": [lab for x in sets for lab in x], "g": np.repeat(groups, [len(x) for x in sets])}
+    )
+    per_label = flat.drop_duplicates().groupby("l").size()
+    stratum: dict[str, str] = {}
+    pooled: dict[str, list[str]] = {}
+    for combo, n in per_combo.items():
+        if n >= min_groups:
+            stratum[combo] = f"combination:{combo}"
+            continue
+        rarest = min(split_labels(combo), key=lambda lab: (int(per_label[lab]), lab))
+        stratum[combo] = f"rare:{rarest}"
+        pooled.setdefault(rarest, []).append(combo)
+    counts = {str(c): int(n) for c, n in per_combo.items()}
+    return Strata(min_groups, counts, stratum, {k: sorted(v) for k, v in sorted(pooled.items())})
+
+
+def stratum_min_groups(frac: np.ndarray) -> int:
+    """Groups a combination needs to be its own stratum: enough for one in the smallest split.
+
+    With 0.7 / 0.15 / 0.15 that is 7 (7 x 0.15 >= 1); a smaller stratum could only be cut
+    1 / 1 / 1, far from the fractions, and would drag its labels' shares with it.
+    """
+    positive = frac[frac > 0]
+    return max(len(positive), int(np.ceil(1.0 / positive.min() - 1e-9)))
+
+
+def _multi_label_columns(
+    labels: pd.Series, comp: np.ndarray, n_groups: int, min_groups: int
+) -> tuple[csr_matrix, np.ndarray, Strata]:
+    """(groups, columns) row counts over strata and individual labels, the coverage mask, strata.
+
+    Balancing strata keeps label co-occurrence alike across splits; balancing individual
+    labels (a row counts once for each of its labels) keeps every label's share on target.
+    Only label columns are covered (reach every split first, train first): a rare stratum
+    missing from val is fine, a label missing from train is not.
+    """
+    strata = multi_label_strata(labels, comp, min_groups)
+    sets = _label_sets(labels)
+    row_strata = [strata.stratum[join_labels(x)] for x in sets]
+    names = sorted(set(row_strata)) + sorted({f"label:{lab}" for x in sets for lab in x})
+    col = {name: i for i, name in enumerate(names)}
+    rows = np.repeat(comp, [1 + len(x) for x in sets])
+    cols = [
+        c for st, x in zip(row_strata, sets, strict=True) for c in (st, *(f"label:{v}" for v in x))
+    ]
+    gc = coo_matrix(
+        (np.ones(len(rows)), (rows, np.fromiter((col[c] for c in cols), np.int64, len(cols)))),
+        shape=(n_groups, len(names)),
+    ).tocsr()
+    cover = np.array([name.startswith("label:") for name in names], dtype=bool)
+    return gc, cover, strata
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -167,6 +269,9 @@ class _Placement:
     shares: np.ndarray  # (splits, classes): share placed so far
     holders: np.ndarray  # (splits, classes): number of placed groups holding the class
     assign: np.ndarray  # (groups,): split index, -1 = not placed yet
+    # (classes,): columns that must reach every split they can (all of them, except the
+    # multi-label strata, which only steer the balance)
+    cover: np.ndarray
 
     def put(self, g: int, s: int) -> None:
         """Place (or move) group g into split s."""
@@ -213,7 +318,7 @@ def _greedy(state: _Placement, order: np.ndarray, left: np.ndarray) -> None:
         # d/dx of sum((share - target)^2): the split most below target for these classes wins.
         score = (state.shares[np.ix_(elig, idx)] - state.target[np.ix_(elig, idx)]) @ w
         absent = state.holders[np.ix_(elig, idx)] == 0  # (eligible, classes of g)
-        urgent = absent.any(axis=0) & (left[idx] <= absent.sum(axis=0))
+        urgent = absent.any(axis=0) & (left[idx] <= absent.sum(axis=0)) & state.cover[idx]
         if urgent.any():
             need = absent[:, urgent].sum(axis=1)
             score = np.where(need == need.max(), score, np.inf)
@@ -256,7 +361,7 @@ def _objective_gain(state: _Placement, groups: np.ndarray) -> tuple[np.ndarray, 
 
 def _pinned_by_coverage(state: _Placement, groups: np.ndarray) -> np.ndarray:
     """Groups whose move would remove a class (or the last group) from their split."""
-    alone = (state.holders == 1).astype(float)  # (splits, classes)
+    alone = ((state.holders == 1) & state.cover).astype(float)  # (splits, classes)
     hit = np.asarray((state.weights[groups] > 0).astype(float) @ alone.T)  # (groups, splits)
     return hit[np.arange(len(groups)), state.assign[groups]] > 0
 
@@ -301,7 +406,7 @@ def _best_swap(state: _Placement, groups: np.ndarray, pull: np.ndarray) -> bool:
     for flat in candidates[np.argsort(delta.ravel()[candidates], kind="stable")][:64]:
         i, j = divmod(int(flat), len(groups))
         g, h, sg, sh = int(groups[i]), int(groups[j]), int(a[i]), int(a[j])
-        before = state.holders[[sg, sh]] > 0
+        before = (state.holders[[sg, sh]] > 0) & state.cover
         state.put(g, sh)
         state.put(h, sg)
         if not (before & (state.holders[[sg, sh]] == 0)).any():
@@ -330,6 +435,61 @@ def _repair_empty(
         )
         state.put(g, int(s))
     return notes
+
+
+def _cover_train(state: _Placement, free: np.ndarray, size: np.ndarray, keys: np.ndarray) -> int:
+    """Multi-label: give each label still missing from train one of its groups; returns moves.
+
+    With overlapping labels the greedy's coverage rule can be pulled two ways and leave a label
+    out of train, which training cannot recover from. Candidates are free groups holding the
+    label whose split keeps another group; a move that keeps every label in its old split wins,
+    then the smallest group. Failing that, a swap with a train group whose labels all stay in
+    train; failing that (e.g. every group is a label's only one), it is left as it is.
+    """
+    if TRAIN not in state.eligible:
+        return 0
+    moves = 0
+    present = state.weights > 0  # (groups, columns)
+    for c in np.flatnonzero(state.cover & (state.holders[TRAIN] == 0)):
+        if state.holders[TRAIN, c] > 0:  # an earlier move brought it along
+            continue
+        per_split = np.bincount(state.assign[state.assign >= 0], minlength=len(SPLITS))
+        holding = np.flatnonzero(np.asarray(present[:, c].todense()).ravel())
+        away = holding[free[holding] & (state.assign[holding] != TRAIN)]
+        cand = away[per_split[state.assign[away]] >= 2]
+        if len(cand):
+            pinned = _pinned_by_coverage(state, cand)
+            state.put(int(cand[np.lexsort((keys[cand], size[cand], pinned))[0]]), TRAIN)
+            moves += 1
+            continue
+        if len(away) and _swap_into_train(state, c, away, free, size, keys):
+            moves += 1
+    return moves
+
+
+def _swap_into_train(
+    state: _Placement,
+    c: int,
+    away: np.ndarray,
+    free: np.ndarray,
+    size: np.ndarray,
+    keys: np.ndarray,
+) -> bool:
+    """Swap the smallest group holding column c with a train group, if no other label loses."""
+    g = int(away[np.lexsort((keys[away], size[away]))[0]])
+    old = int(state.assign[g])
+    mates = np.flatnonzero(free & (state.assign == TRAIN))
+    # Labels missing from train may leave `old` for train (that is the point); no other may.
+    others = np.vstack([state.cover, state.cover & (state.holders[TRAIN] > 0)])
+    for h in mates[np.lexsort((keys[mates], size[mates]))]:
+        before = (state.holders[[TRAIN, old]] > 0) & others
+        state.put(g, TRAIN)
+        state.put(int(h), old)
+        if not (before & (state.holders[[TRAIN, old]] == 0)).any():
+            return True
+        state.put(int(h), TRAIN)  # undo: another label would leave train or `old`
+        state.put(g, old)
+    return False
 
 
 # --------------------------------------------------------------------------- public API
@@ -435,10 +595,21 @@ def _empty_split_error(empty: list[str], n_groups: int, n_kept: int, n_source: i
 
 
 def assign_splits(
-    valid: pd.DataFrame, cfg: SplitConfig, seed: int, previous: pd.DataFrame | None = None
+    valid: pd.DataFrame,
+    cfg: SplitConfig,
+    seed: int,
+    previous: pd.DataFrame | None = None,
+    *,
+    multi_label: bool = False,
 ) -> pd.DataFrame:
-    """Return `valid` plus a `split` column (train/val/test); SplitError on impossible input."""
+    """Return `valid` plus a `split` column (train/val/test); SplitError on impossible input.
+
+    `multi_label` (`data.multi_label`): `label` cells are label sets ("cat|dog"), stratified by
+    combination and by individual label (module docstring, docs/split.md).
+    """
     _check_frame(valid, "valid.csv", _REQUIRED, "it is written by the validate stage")
+    if multi_label:
+        _check_label_sets(valid, "valid.csv")
     if len(valid) == 0:
         raise SplitError(
             "valid.csv: no rows to split; every image was quarantined or none was found "
@@ -461,10 +632,26 @@ def assign_splits(
             f"fraction ({', '.join(SPLITS[s] for s in positive)}): every group lies in exactly one "
             "split, so add data, use finer groups (data.group.by) or set a split fraction to 0"
         )
-    classes, cls = np.unique(_column(valid, "label").to_numpy(), return_inverse=True)
-    gc = coo_matrix((np.ones(len(valid)), (comp, cls)), shape=(n_groups, len(classes))).tocsr()
+    cls = np.empty(0, dtype=np.int64)
+    cover = None  # single-label: every class is covered
+    if multi_label:
+        gc, cover, strata = _multi_label_columns(
+            _column(valid, "label"), comp, n_groups, stratum_min_groups(frac)
+        )
+        if strata.pooled:
+            log.info(
+                "multi-label split: %d of %d label combinations have fewer than %d groups and "
+                "are pooled by their rarest label",
+                sum(map(len, strata.pooled.values())),
+                len(strata.groups),
+                strata.min_groups,
+            )
+    else:
+        classes, cls = np.unique(_column(valid, "label").to_numpy(), return_inverse=True)
+        gc = coo_matrix((np.ones(len(valid)), (comp, cls)), shape=(n_groups, len(classes)))
+        gc = gc.tocsr()
     gc.sum_duplicates()
-    size = np.asarray(gc.sum(axis=1)).ravel().astype(np.int64)
+    size = np.bincount(comp, minlength=n_groups).astype(np.int64)  # images per group
     keys = _order_keys(seed, names)
 
     assign = np.full(n_groups, -1, dtype=np.int64)
@@ -480,16 +667,24 @@ def assign_splits(
             "source_split=test have nowhere to go; give train (and val) a positive fraction"
         )
 
-    state = _new_placement(gc, assign, eligible, frac)
+    state = _new_placement(gc, assign, eligible, frac, cover)
     free = assign < 0
-    multi = np.flatnonzero(free & (size > 1))
-    multi = multi[np.lexsort((keys[multi], -size[multi]))]  # largest first
-    singles = np.flatnonzero(free & (size == 1))
-    singles = singles[np.argsort(keys[singles], kind="stable")]
     left = np.asarray((gc[free] > 0).sum(axis=0)).ravel()
-    _greedy(state, multi, left)
-    _fill_singletons(state, singles, np.bincount(cls).astype(float))
+    if multi_label:
+        # A one-image group still holds a stratum and 1+ labels, which water-filling (one
+        # class per image) cannot place: every free group goes through the greedy.
+        order = np.flatnonzero(free)
+        _greedy(state, order[np.lexsort((keys[order], -size[order]))], left)
+    else:
+        multi = np.flatnonzero(free & (size > 1))
+        multi = multi[np.lexsort((keys[multi], -size[multi]))]  # largest first
+        singles = np.flatnonzero(free & (size == 1))
+        singles = singles[np.argsort(keys[singles], kind="stable")]
+        _greedy(state, multi, left)
+        _fill_singletons(state, singles, np.bincount(cls).astype(float))
     warnings += _repair_empty(state, positive, free, size, keys)
+    if multi_label and (moved := _cover_train(state, free, size, keys)):
+        log.info("multi-label split: moved %d group(s) to train so that every label has one", moved)
     empty = [SPLITS[s] for s in positive if not (state.assign == s).any()]
     if empty:
         raise _empty_split_error(empty, n_groups, n_kept, n_source)
@@ -499,7 +694,7 @@ def assign_splits(
 
     out = valid.copy()
     out["split"] = np.asarray(SPLITS, dtype=object)[state.assign[comp]]
-    warnings += _coverage_warnings(out, cfg)
+    warnings += _coverage_warnings(out, cfg, multi_label)
     for w in warnings:
         log.warning("%s", w)
     out.attrs[WARNINGS_ATTR] = warnings
@@ -507,7 +702,11 @@ def assign_splits(
 
 
 def _new_placement(
-    gc: csr_matrix, assign: np.ndarray, eligible: np.ndarray, frac: np.ndarray
+    gc: csr_matrix,
+    assign: np.ndarray,
+    eligible: np.ndarray,
+    frac: np.ndarray,
+    cover: np.ndarray | None = None,
 ) -> _Placement:
     """Initial state: fixed groups placed, targets for what the free groups must fill."""
     n_per_class = np.asarray(gc.sum(axis=0)).ravel()
@@ -527,7 +726,8 @@ def _new_placement(
     target[outside] = shares[outside]
     rest = 1.0 - shares[outside].sum(axis=0)
     target[eligible] = np.outer(frac[eligible] / frac[eligible].sum(), rest)
-    return _Placement(weights, eligible, target, shares, holders, assign)
+    cover = np.ones(n_cls, dtype=bool) if cover is None else cover
+    return _Placement(weights, eligible, target, shares, holders, assign, cover)
 
 
 # --------------------------------------------------------------------------- report
@@ -545,6 +745,19 @@ def _target_shares(counts: pd.DataFrame, cfg: SplitConfig, use_source: bool) -> 
             target[s] = (frac[s] / tv if tv else 0.0) * (1 - test_share)
         target["test"] = test_share
     return target.fillna(0.0)
+
+
+def _label_view(splits: pd.DataFrame, multi_label: bool) -> pd.DataFrame:
+    """The rows class statistics count: as given, or one per (row, label) for label sets."""
+    if not multi_label:
+        return splits
+    parts = _column(splits, "label").map(split_labels)
+    return splits.assign(label=parts).explode("label").reset_index(drop=True)
+
+
+def _split_rows(splits: pd.DataFrame) -> pd.Series:
+    """Rows per split (SPLITS order)."""
+    return _column(splits, "split").value_counts().reindex(list(SPLITS), fill_value=0).astype(int)
 
 
 def _counts(splits: pd.DataFrame) -> pd.DataFrame:
@@ -569,8 +782,12 @@ def _uses_source(splits: pd.DataFrame, cfg: SplitConfig) -> bool:
     return bool(cfg.respect_source_split and (_column(splits, "source_split") == "test").any())
 
 
-def _coverage_warnings(splits: pd.DataFrame, cfg: SplitConfig) -> list[str]:
-    """Classes missing from a non-empty split (say where they went) and large deviations."""
+def _coverage_warnings(
+    splits: pd.DataFrame, cfg: SplitConfig, multi_label: bool = False
+) -> list[str]:
+    """Classes (labels) missing from a non-empty split (say where they went), large deviations."""
+    noun = "label" if multi_label else "class"
+    splits = _label_view(splits, multi_label)
     counts = _counts(splits)
     present = [s for s in SPLITS if counts[s].sum() > 0]
     grp = _column(splits, "group")
@@ -584,20 +801,20 @@ def _coverage_warnings(splits: pd.DataFrame, cfg: SplitConfig) -> list[str]:
         went = ", ".join(f"{s}: {int(row[s])}" for s in SPLITS if row[s] > 0)
         if len(groups) == 1:
             notes.append(
-                f"class '{label}' lives in one group ('{groups[0]}', {int(row.sum())} image(s)) "
+                f"{noun} '{label}' lives in one group ('{groups[0]}', {int(row.sum())} image(s)) "
                 f"so it cannot appear in every split; it went to {went} and is missing from "
                 f"{', '.join(missing)}"
             )
         else:
             notes.append(
-                f"class '{label}' ({len(groups)} groups) is missing from {', '.join(missing)}; "
+                f"{noun} '{label}' ({len(groups)} groups) is missing from {', '.join(missing)}; "
                 f"its images went to {went}"
             )
     worst, label, split = _deviation(counts, _target_shares(counts, cfg, _uses_source(splits, cfg)))
     if worst > DEVIATION_WARN_PP:
         notes.append(
-            f"worst per-class share deviation is {worst:.1f} pp (class '{label}' in {split}), "
-            f"above {DEVIATION_WARN_PP:g} pp: groups are large relative to that class (finer "
+            f"worst per-{noun} share deviation is {worst:.1f} pp ({noun} '{label}' in {split}), "
+            f"above {DEVIATION_WARN_PP:g} pp: groups are large relative to that {noun} (finer "
             "groups or more data help; stable: true also keeps an old imbalance)"
         )
     return notes
@@ -637,17 +854,27 @@ def _shared(splits: pd.DataFrame, key: str) -> list[str]:
 
 
 def split_report(
-    splits: pd.DataFrame, cfg: SplitConfig, near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD
+    splits: pd.DataFrame,
+    cfg: SplitConfig,
+    near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD,
+    *,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
-    """JSON-able summary: class x split counts, groups, target vs actual shares, leakage checks."""
+    """JSON-able summary: class x split counts, groups, target vs actual shares, leakage checks.
+
+    `multi_label`: `counts`, `class_shares` and the deviations are per individual label (a row
+    counts once for each of its labels); `label_combinations` and `strata` are added.
+    """
     _check_frame(splits, "splits", (*_REQUIRED, "split"), "pass what assign_splits returned")
-    counts = _counts(splits)
+    if multi_label:
+        _check_label_sets(splits, "splits")
+    counts = _counts(_label_view(splits, multi_label))
     use_source = _uses_source(splits, cfg)
     target = _target_shares(counts, cfg, use_source)
     worst, w_label, w_split = _deviation(counts, target)
     params_target = _target_shares(counts, cfg, use_source=False)
     worst_params, _, _ = _deviation(counts, params_target)
-    totals = counts.sum(axis=0)
+    totals = _split_rows(splits)
     n = int(totals.sum())
     groups = _column(splits, "group")
     split_col = _column(splits, "split")
@@ -659,7 +886,7 @@ def split_report(
     near_checked = "phash" in splits.columns and near_duplicate_threshold >= 0
 
     process = list(splits.attrs.get(WARNINGS_ATTR, []))
-    derived = _coverage_warnings(splits, cfg)
+    derived = _coverage_warnings(splits, cfg, multi_label)
     for w in derived:
         if w not in process:  # assign_splits already logged its own copy
             log.warning("%s", w)
@@ -669,7 +896,7 @@ def split_report(
         derived.append(msg)
     warnings = process + [w for w in derived if w not in process]
 
-    return {
+    report: dict[str, Any] = {
         "rows": n,
         "groups": int(groups.nunique()),
         "classes": len(counts),
@@ -719,4 +946,31 @@ def split_report(
         },
         "warning_count": len(warnings),
         "warnings": warnings,
+    }
+    if multi_label:
+        report.update(_multi_label_report(splits, cfg))
+    return report
+
+
+def _multi_label_report(splits: pd.DataFrame, cfg: SplitConfig) -> dict[str, Any]:
+    """Multi-label extras: rows per label combination x split, and how combinations were pooled."""
+    combos = _column(splits, "label").map(lambda x: join_labels(split_labels(x)))
+    table = pd.crosstab(combos, _column(splits, "split"))
+    table = table.reindex(columns=list(SPLITS), fill_value=0).astype(int)
+    table = table.loc[sorted(table.index, key=lambda c: (-int(table.loc[c].sum()), c))]
+    comp = _components(splits)[0]
+    strata = multi_label_strata(_column(splits, "label"), comp, stratum_min_groups(_fractions(cfg)))
+    return {
+        "multi_label": True,
+        "label_combinations": {
+            str(c): {s: int(row[s]) for s in SPLITS}
+            for c, row in table.head(MAX_REPORTED_COMBINATIONS).iterrows()
+        },
+        "label_combinations_truncated": max(0, len(table) - MAX_REPORTED_COMBINATIONS),
+        "strata": {
+            "min_groups": strata.min_groups,
+            "combinations": len(strata.groups),
+            "stratified": sum(st.startswith("combination:") for st in strata.stratum.values()),
+            "pooled_by_rarest_label": strata.pooled,
+        },
     }

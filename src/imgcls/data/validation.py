@@ -10,6 +10,9 @@ GX's unexpected values back into example paths:
 - ``manifest``: every row (structure, quarantine threshold), keyed by ``path``;
 - ``images``: rows that decoded (labels, sizes, modes, hashes), keyed by ``path``;
 - ``classes``: one row per class (counts, imbalance), keyed by ``label``;
+- ``labels`` (multi-label data only): one row per (image, individual label), keyed by ``path``:
+  the class rules (configured classes, minimum count) apply to single labels, not to the label
+  sets ("cat|dog") stored in the manifest;
 - ``sha256``: one row per exact-duplicate set (conflicting labels), keyed by ``sha256``;
 - ``near_duplicates``: one row per near-duplicate cluster (conflicting labels), keyed by
   ``cluster``.
@@ -29,6 +32,7 @@ import pandas as pd
 from imgcls.data.manifest import MANIFEST_COLUMNS
 from imgcls.data.phash import PHASH_RE, near_duplicate_pairs, parse_phashes, same_value_pairs
 from imgcls.errors import ImgclsError
+from imgcls.task import LABEL_SEP, split_labels
 
 if TYPE_CHECKING:
     from imgcls.config import ValidateConfig
@@ -37,12 +41,15 @@ _NOT_NULL_ALL = ("path", "label", "group", "sha256")  # required even for undeco
 _NOT_NULL_IMAGES = ("width", "height", "mode", "format", "phash")  # required once decoded
 _SOURCE_SPLITS = ("train", "val", "test")
 _SHA256_RE = r"^[0-9a-f]{64}$"
+# A multi-label cell: non-empty labels joined by "|" (ingest also sorts them and drops repeats).
+_LABEL_SET_RE = r"^[^|]+(?:\|[^|]+)*$"
 MAX_EXAMPLES = 10  # example paths per failed expectation (the issue's "up to ten")
 MAX_LISTED = 1000  # entries per report list; the counts are always complete
 _KEYS = {
     "manifest": "path",
     "images": "path",
     "classes": "label",
+    "labels": "path",
     "sha256": "sha256",
     "near_duplicates": "cluster",
 }
@@ -90,15 +97,22 @@ class ValidationResult:
 # --------------------------------------------------------------------------- entry point
 
 
-def validate_manifest(manifest: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
-    """Run the data contract on a manifest; never raises for bad data, reports it instead."""
+def validate_manifest(
+    manifest: pd.DataFrame, cfg: ValidateConfig, *, multi_label: bool = False
+) -> ValidationResult:
+    """Run the data contract on a manifest; never raises for bad data, reports it instead.
+
+    `multi_label` (`data.multi_label`): each `label` cell is a set "cat|dog", and the class
+    rules (`validate.classes`, `min_classes`, `min_images_per_class`, `max_imbalance_ratio`)
+    count individual labels.
+    """
     if not isinstance(manifest, pd.DataFrame):
         raise DataContractError(
             f"validate_manifest: expected a pandas DataFrame (read the manifest with "
             f"imgcls.io.read_csv), got {type(manifest).__name__}"
         )
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    frames = _frames(manifest, cfg, missing)
+    frames = _frames(manifest, cfg, missing, multi_label)
     checks = _build_checks(cfg, frames, missing)
     outcomes = _run_suite(frames, checks)
     failures = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
@@ -123,8 +137,10 @@ class _Frames:
     valid: pd.DataFrame  # rows that pass, groups merged
     duplicates: list[dict[str, Any]]
     clusters: list[dict[str, Any]]
-    class_counts: dict[str, int]
+    class_counts: dict[str, int]  # per individual label in multi-label mode
     found_labels: list[str]
+    multi_label: bool = False
+    combinations: dict[str, int] = field(default_factory=dict)  # multi-label: images per set
 
 
 def _nullify(df: pd.DataFrame) -> pd.DataFrame:
@@ -139,16 +155,20 @@ def _nullify(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _frames(manifest: pd.DataFrame, cfg: ValidateConfig, missing: list[str]) -> _Frames:
+def _frames(
+    manifest: pd.DataFrame, cfg: ValidateConfig, missing: list[str], multi_label: bool = False
+) -> _Frames:
     """Build every frame the suite needs; with missing columns only the raw manifest."""
     table = _nullify(manifest.reset_index(drop=True))
     if missing:
         empty = pd.DataFrame()
-        return _Frames({"manifest": table}, {}, empty, [], [], {}, [])
+        return _Frames({"manifest": table}, {}, empty, [], [], {}, [], multi_label)
     decoded = table["error"].isna().to_numpy()
     images = table[decoded]
-    found = sorted(images["label"].dropna().unique().tolist())
-    counts = _class_counts(images, cfg.classes)
+    # The rows the class rules count: one per image, or one per (image, label) for label sets.
+    labelled = _explode_labels(images) if multi_label else images
+    found = sorted(labelled["label"].dropna().unique().tolist())
+    counts = _class_counts(labelled, cfg.classes)
     sha_table, duplicates = _exact_duplicates(images)
     pairs = _near_duplicate_pairs(images["phash"], cfg.near_duplicate_threshold)
     comp = _components(images, pairs)
@@ -167,12 +187,30 @@ def _frames(manifest: pd.DataFrame, cfg: ValidateConfig, missing: list[str]) -> 
     rows = {
         "manifest": table.assign(key=table["path"]),
         "images": images.assign(key=images["path"]),
-        "classes": images.assign(key=images["label"]),
+        "classes": labelled.assign(key=labelled["label"]),
         "sha256": images.assign(key=images["sha256"]),
         "near_duplicates": cluster_rows,
     }
+    combinations: dict[str, int] = {}
+    if multi_label:
+        tables["labels"] = labelled
+        rows["labels"] = labelled.assign(key=labelled["path"])
+        sets = images["label"].dropna().astype(str).value_counts()
+        # most frequent first, ties by name, so the report reads the same on every run
+        order = sorted(sets.items(), key=lambda kv: (-kv[1], kv[0]))
+        combinations = {k: int(v) for k, v in order}
     class_counts = dict(zip(counts["label"], counts["images"].astype(int), strict=True))
-    return _Frames(tables, rows, valid, duplicates, clusters, class_counts, found)
+    return _Frames(
+        tables, rows, valid, duplicates, clusters, class_counts, found, multi_label, combinations
+    )
+
+
+def _explode_labels(images: pd.DataFrame) -> pd.DataFrame:
+    """One row per (image, individual label) of multi-label rows; a null label stays null."""
+    parts = images["label"].map(lambda v: split_labels(v) if isinstance(v, str) else [])
+    out = images.assign(label=parts).explode("label")
+    out["label"] = out["label"].astype("string")
+    return out.reset_index(drop=True)
 
 
 def _class_counts(images: pd.DataFrame, classes: list[str] | None) -> pd.DataFrame:
@@ -363,8 +401,8 @@ def _build_checks(cfg: ValidateConfig, frames: _Frames, missing: list[str]) -> l
             "`validate.max_quarantine_fraction` in params.yaml",
         ),
     ]
-    checks += _image_checks(cfg, gxe)
-    checks += _class_checks(cfg, gxe)
+    checks += _image_checks(cfg, gxe, frames.multi_label)
+    checks += _class_checks(cfg, gxe, frames.multi_label)
     checks += [
         _Check(
             "sha256",
@@ -393,7 +431,7 @@ def _build_checks(cfg: ValidateConfig, frames: _Frames, missing: list[str]) -> l
     return checks
 
 
-def _image_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
+def _image_checks(cfg: ValidateConfig, gxe: Any, multi_label: bool = False) -> list[_Check]:
     """Checks on decoded images: filled-in properties, sizes, modes, labels."""
     checks = [
         _Check(
@@ -434,6 +472,8 @@ def _image_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
             "rebuild the manifest with `dvc repro ingest`",
         ),
     ]
+    if multi_label:
+        return checks + _label_set_checks(cfg, gxe)
     if cfg.classes:
         checks.append(
             _Check(
@@ -454,20 +494,60 @@ def _image_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
     return checks
 
 
-def _class_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
-    """Checks on per-class counts: minimum size and imbalance."""
+def _label_set_checks(cfg: ValidateConfig, gxe: Any) -> list[_Check]:
+    """Multi-label: well-formed label sets; configured / minimum classes over single labels."""
+    checks = [
+        _Check(
+            "images",
+            gxe.ExpectColumnValuesToMatchRegex(column="label", regex=_LABEL_SET_RE),
+            f"each label set is non-empty labels joined by '{LABEL_SEP}'",
+            "rebuild the manifest with `dvc repro ingest` (it writes every set sorted and joined "
+            f"by '{LABEL_SEP}'); in a labels CSV, set data.label_separator to the one you use",
+        )
+    ]
+    if cfg.classes:
+        checks.append(
+            _Check(
+                "labels",
+                gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(cfg.classes)),
+                f"every label within the configured classes ({', '.join(cfg.classes)})",
+                "fix the labels listed in the labels CSV, or add them to `validate.classes`",
+            )
+        )
+    checks.append(
+        _Check(
+            "labels",
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=cfg.min_classes),
+            f"at least {cfg.min_classes} distinct labels",
+            "add images with more labels, or lower `validate.min_classes`",
+        )
+    )
+    return checks
+
+
+def _class_checks(cfg: ValidateConfig, gxe: Any, multi_label: bool = False) -> list[_Check]:
+    """Checks on per-class counts (per individual label for multi-label): size and imbalance."""
+    if multi_label:
+        noun, fix = "label", "add images carrying the labels listed"
+        small = "add images carrying the rarest labels"
+    else:
+        noun, fix, small = (
+            "class",
+            "add images to the classes listed",
+            "add images to the small classes",
+        )
     return [
         _Check(
             "classes",
             gxe.ExpectColumnValuesToBeBetween(column="images", min_value=cfg.min_images_per_class),
-            f"at least {cfg.min_images_per_class} images per class",
-            "add images to the classes listed, or lower `validate.min_images_per_class`",
+            f"at least {cfg.min_images_per_class} images per {noun}",
+            f"{fix}, or lower `validate.min_images_per_class`",
         ),
         _Check(
             "classes",
             gxe.ExpectColumnMaxToBeBetween(column="ratio", max_value=cfg.max_imbalance_ratio),
-            f"class imbalance (largest / smallest class) at most {cfg.max_imbalance_ratio:g}",
-            "add images to the small classes, or raise `validate.max_imbalance_ratio`",
+            f"{noun} imbalance (largest / smallest {noun}) at most {cfg.max_imbalance_ratio:g}",
+            f"{small}, or raise `validate.max_imbalance_ratio`",
         ),
     ]
 
@@ -713,15 +793,21 @@ def _report(
         "failed_expectations": len(failed),
         "warnings": len(warned),
     }
+    labels: dict[str, Any] = {
+        "configured": list(cfg.classes) if cfg.classes else None,
+        "found": frames.found_labels,
+        "counts": frames.class_counts,  # images per class; per individual label if multi-label
+    }
+    if frames.multi_label:
+        summary["label_combinations"] = len(frames.combinations)
+        labels["multi_label"] = True
+        labels["combinations"] = dict(list(frames.combinations.items())[:MAX_LISTED])
+        labels["combinations_truncated"] = max(0, len(frames.combinations) - MAX_LISTED)
     return {
         "success": not failed,
         "summary": summary,
         "params": cfg.model_dump(mode="json"),
-        "labels": {
-            "configured": list(cfg.classes) if cfg.classes else None,
-            "found": frames.found_labels,
-            "counts": frames.class_counts,
-        },
+        "labels": labels,
         "expectations": outcomes,
         "quarantine": quarantine[:MAX_LISTED],
         "duplicates": frames.duplicates[:MAX_LISTED],
@@ -762,12 +848,18 @@ def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
     """The human report: verdict, counts, expectations, classes, quarantine and duplicates."""
     s = report["summary"]
     verdict = "PASSED" if report["success"] else "FAILED"
+    multi = bool(report["labels"].get("multi_label"))
+    classes = (
+        f"{s['classes']} labels in {s['label_combinations']} combinations"
+        if multi
+        else f"{s['classes']} classes"
+    )
     lines = [
         f"# Data validation: {verdict}",
         "",
         f"{s['rows']} files in the manifest, {s['valid']} valid, {s['quarantined']} quarantined "
         f"({s['quarantine_fraction']:.2%}; at most {s['max_quarantine_fraction']:.2%} allowed), "
-        f"{s['classes']} classes, {s['groups_after']} groups after merging duplicates "
+        f"{classes}, {s['groups_after']} groups after merging duplicates "
         f"({s['groups_before']} before).",
         "",
         "## Expectations",
@@ -790,9 +882,21 @@ def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
             if o["hint"]:
                 lines.append(f"  - fix: {_cell(o['hint'])}")
     counts = report["labels"]["counts"]
-    if counts:
+    if counts and multi:
+        lines += ["", "## Labels (images carrying each label)", "", "| label | images |"]
+        lines += ["|---|---|", *(f"| {_cell(k)} | {v} |" for k, v in counts.items())]
+    elif counts:
         lines += ["", "## Classes", "", "| class | images |", "|---|---|"]
         lines += [f"| {_cell(k)} | {v} |" for k, v in counts.items()]
+    if multi:
+        combos = report["labels"]["combinations"]
+        lines += _listing(
+            "Label combinations",
+            s["label_combinations"],
+            ["labels", "images"],
+            [[k, str(v)] for k, v in combos.items()],
+            max_rows,
+        )
     lines += _listing(
         "Quarantined files",
         s["quarantined"],

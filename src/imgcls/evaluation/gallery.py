@@ -9,27 +9,84 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from imgcls.evaluation.figures import pyplot, short
+from imgcls.evaluation.metrics import label_sets
 
 
-def confident_mistakes(y_true: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the `n` misclassified samples with the highest predicted probability."""
-    pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y_true)
-    confidence = probs[wrong, pred[wrong]]
-    return wrong[np.argsort(-confidence, kind="stable")[:n]]
+def _mistake_confidence(
+    y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) "is a mistake" and (N,) confidence of the decision that was wrong.
+
+    Single-label: the probability of the predicted class. Multi-label: an image is a mistake if
+    any label decision is wrong, and its confidence is that of its most confident wrong decision
+    (`p` for a label predicted present, `1 - p` for one predicted absent).
+    """
+    if np.ndim(y_true) == 2:
+        wrong = (np.asarray(y_true) > 0.5) != (np.asarray(y_pred) > 0.5)
+        sure = np.where(np.asarray(y_pred) > 0.5, probs, 1.0 - probs)
+        return wrong.any(1), np.where(wrong, sure, 0.0).max(1, initial=0.0)
+    return y_pred != y_true, probs[np.arange(len(y_pred)), y_pred]
+
+
+def confident_mistakes(
+    y_true: np.ndarray, probs: np.ndarray, n: int, y_pred: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices of the `n` mistakes made with the highest confidence (most confident first).
+
+    `y_pred` defaults to the arg-max (multiclass); pass the thresholded decisions of a binary
+    head, or the (N, K) bool decisions of a multi-label head.
+    """
+    y_pred = probs.argmax(1) if y_pred is None else y_pred
+    is_wrong, confidence = _mistake_confidence(y_true, probs, y_pred)
+    wrong = np.flatnonzero(is_wrong)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+
+
+def _names(row: np.ndarray, classes: list[str]) -> str:
+    """A multi-hot row as its label set ("a|b"), "(none)" when empty."""
+    return row_names(np.asarray(row).reshape(1, -1), classes)[0]
+
+
+def _wrong(row: np.ndarray, classes: list[str]) -> list[tuple[int, str]]:
+    """(index, name) of the labels whose decision is wrong in one image."""
+    return [(int(k), classes[k]) for k in np.flatnonzero(row)]
 
 
 def mistakes_table(
-    idx: np.ndarray, y_true: np.ndarray, probs: np.ndarray, classes: list[str], paths: list[str]
+    idx: np.ndarray,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    paths: list[str],
+    y_pred: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per gallery tile (path, true, predicted, confidence) for a JSON report."""
-    pred = probs.argmax(1)
+    """One record per gallery tile (path, true, predicted, confidence) for a JSON report.
+
+    Multi-label records hold label sets ("a|b") and list the `wrong` labels with their
+    probabilities.
+    """
+    y_pred = probs.argmax(1) if y_pred is None else y_pred
+    _, confidence = _mistake_confidence(y_true, probs, y_pred)
+    if np.ndim(y_true) == 2:
+        wrong = (np.asarray(y_true) > 0.5) != (np.asarray(y_pred) > 0.5)
+        return [
+            {
+                "path": paths[i],
+                "true": _names(y_true[i], classes),
+                "predicted": _names(y_pred[i], classes),
+                "confidence": round(float(confidence[i]), 4),
+                "wrong": {
+                    classes[k]: round(float(probs[i, k]), 4) for k in np.flatnonzero(wrong[i])
+                },
+            }
+            for i in idx
+        ]
     return [
         {
             "path": paths[i],
             "true": classes[y_true[i]],
-            "predicted": classes[pred[i]],
-            "confidence": round(float(probs[i, pred[i]]), 4),
+            "predicted": classes[y_pred[i]],
+            "confidence": round(float(confidence[i]), 4),
             "p_true": round(float(probs[i, y_true[i]]), 4),
         }
         for i in idx
@@ -43,8 +100,12 @@ def plot_mistakes(
     classes: list[str],
     idx: np.ndarray,
     title: str = "Most confident mistakes",
+    y_pred: np.ndarray | None = None,
 ) -> Any:
-    """A grid of misclassified images, each titled true / predicted / confidence."""
+    """A grid of misclassified images, each titled true / predicted / confidence.
+
+    Multi-label tiles show the true and predicted label sets ("a|b", "(none)").
+    """
     plt = pyplot()
     n = len(idx)
     ncols = min(max(n, 1), 8)
@@ -52,7 +113,9 @@ def plot_mistakes(
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(1.9 * ncols + 0.2, 2.3 * nrows + 0.5), dpi=100, squeeze=False
     )
-    pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else y_pred
+    _, confidence = _mistake_confidence(y_true, probs, y_pred)
+    multi = np.ndim(y_true) == 2
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx, strict=False):
@@ -61,10 +124,10 @@ def plot_mistakes(
             ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(img, interpolation="nearest")
+        true = _names(y_true[i], classes) if multi else classes[y_true[i]]
+        pred = _names(y_pred[i], classes) if multi else classes[y_pred[i]]
         ax.set_title(
-            f"true: {short(classes[y_true[i]], 16)}\n"
-            f"pred: {short(classes[pred[i]], 16)}\n"
-            f"conf {probs[i, pred[i]]:.2f}",
+            f"true: {short(true, 16)}\npred: {short(pred, 16)}\nconf {confidence[i]:.2f}",
             fontsize=8,
             color="firebrick",
             loc="left",
@@ -74,6 +137,13 @@ def plot_mistakes(
     fig.suptitle(f"{title} ({n})", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     return fig
+
+
+def row_names(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """Each row's class name, or its label set ("a|b", "(none)") for (N, K) multi-hot labels."""
+    if np.ndim(labels) == 2:
+        return [name or "(none)" for name in label_sets(labels, classes)]
+    return [classes[i] for i in labels]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -101,10 +171,11 @@ def augmentation_grid(
     must barely change.
     """
     rng = np.random.default_rng(seed)
-    per_class = max(1, rows // max(1, len(np.unique(labels))))
+    names = np.asarray(row_names(labels, classes), dtype=object)
+    per_class = max(1, rows // max(1, len(np.unique(names))))
     picks: list[int] = []
-    for c in np.unique(labels):  # spread the rows over the classes
-        members = np.flatnonzero(labels == c)
+    for c in np.unique(names):  # spread the rows over the classes (label sets for multi-label)
+        members = np.flatnonzero(names == c)
         picks.extend(rng.choice(members, min(per_class, len(members)), replace=False).tolist())
     picks = picks[:rows]
     if transform is not None and len(transform):
@@ -122,7 +193,7 @@ def augmentation_grid(
         )
     for r, i in enumerate(picks):
         y = head_h + r * (tile + pad)
-        draw.text((4, y + tile // 2 - 8), short(classes[labels[i]], 16), fill="black", font=font)
+        draw.text((4, y + tile // 2 - 8), short(names[i], 16), fill="black", font=font)
         original = np.asarray(images[i])
         for j in range(augmented + 1):
             img = original

@@ -9,22 +9,30 @@ import torch
 from torch import nn
 
 from imgcls.models.registry import ModelError, create_model
+from imgcls.task import Task, output_units, probs_from_logits, task_of
 from imgcls.training import checkpoint
 from imgcls.training.loop import Preprocess
 
 
 class ImageClassifier(nn.Module):
-    """uint8 images (B, H, W, C) -> class probabilities (B, K); preprocessing built in."""
+    """uint8 images (B, H, W, C) -> class probabilities (B, K); preprocessing built in.
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+    Probabilities per task (imgcls.task): softmax, `[1 - p, p]` for a binary head, or one
+    independent sigmoid per label for multi-label.
+    """
+
+    def __init__(
+        self, net: nn.Module, mean: list[float], std: list[float], task: Task = "multiclass"
+    ) -> None:
         super().__init__()
         self.net = net
         self.prep = Preprocess(mean, std)
+        self.task: Task = task
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8 -> (B, K) float32 probabilities."""
         x = images.permute(0, 3, 1, 2)  # (B, C, H, W)
-        return torch.softmax(self.net(self.prep(x)).float(), dim=1)
+        return probs_from_logits(self.task, self.net(self.prep(x)))
 
 
 def save_bundle(path: Path | str, net: nn.Module, meta: dict[str, Any]) -> None:
@@ -42,13 +50,14 @@ def load_bundle(path: Path | str) -> tuple[ImageClassifier, dict[str, Any]]:
     if payload.get("format") != "imgcls-model/1":
         raise ModelError(f"{path}: not an imgcls model file")
     meta = payload["meta"]
+    task = task_of(meta)
     net = create_model(
         meta["arch"],
         in_chans=meta["channels"],
-        num_classes=len(meta["classes"]),
+        num_classes=output_units(task, len(meta["classes"])),
         image_size=meta["image_size"],
         **meta.get("model_kwargs", {}),
     )
     net.load_state_dict(payload["state_dict"])
-    clf = ImageClassifier(net, meta["mean"], meta["std"]).eval()
+    clf = ImageClassifier(net, meta["mean"], meta["std"], task).eval()
     return clf, meta

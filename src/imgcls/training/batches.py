@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from imgcls.data.dataset import ImageArrayDataset
+from imgcls.data.dataset import ImageArrayDataset, label_tensor
 from imgcls.training.imbalance import balanced_order
 
 # Splits up to this size are sliced straight from one in-memory tensor (no DataLoader overhead);
@@ -84,10 +84,10 @@ class TensorBatches:
         probs: np.ndarray | None = None,
     ) -> None:
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        y = label_tensor(labels)
         if device is not None and device.type == "cuda" and x.nbytes <= ON_DEVICE_BYTES:
             x, y = x.to(device), y.to(device)  # (N, C, S, S) uint8 on the GPU: no per-step copy
-        self.x, self.y = x, y  # (N, C, S, S) uint8, (N,) int64
+        self.x, self.y = x, y  # (N, C, S, S) uint8, (N,) int64 or (N, K) float32
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world, self.probs = rank, world, probs
         self.seed = 0

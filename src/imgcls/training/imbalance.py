@@ -100,3 +100,59 @@ class WeightedCrossEntropy(nn.Module):
             logits, target, reduction="none", label_smoothing=self.label_smoothing
         )  # (B,)
         return (loss * self.weight[target]).mean()
+
+
+def label_pos_weights(
+    spec: str | dict[str, float], targets: np.ndarray, classes: list[str]
+) -> np.ndarray | None:
+    """Multi-label loss weights: each label's positive-example weight in its BCE term (K,).
+
+    `balanced` gives negatives / positives per label on the train split (PyTorch's `pos_weight`
+    recipe: a rare label's few positives count as much as its many negatives); a mapping sets a
+    label's positive weight directly (unnamed labels 1).
+    """
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        pos = np.asarray(targets, dtype=np.float64).sum(0)
+        missing = [classes[i] for i in np.flatnonzero(pos == 0)]
+        if missing:
+            raise ImbalanceError(
+                f"train.class_weights: balanced needs train images of every label, but "
+                f"{missing} have none in the train split; fix the split or give explicit weights"
+            )
+        return (len(targets) - pos) / pos
+    return loss_class_weights(spec, np.zeros(0, np.int64), classes)
+
+
+class SigmoidBCE(nn.Module):
+    """Binary cross-entropy on logits for a binary head (B, 1) or multi-label head (B, K).
+
+    Binary: `weight` (2,) scales each image's loss by its class's weight, averaged over images
+    (like :class:`WeightedCrossEntropy`). Multi-label: `pos_weight` (K,) weighs each label's
+    positive term. Label smoothing moves the 0 / 1 targets towards 0.5.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        pos_weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.float())
+        self.register_buffer("pos_weight", None if pos_weight is None else pos_weight.float())
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Binary: (B, 1) logits and (B,) 0/1 labels; multi-label: (B, K) and (B, K) -> loss."""
+        binary = target.ndim == 1
+        x = logits[:, 0] if binary else logits
+        y = target.float()
+        soft = y * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            x.float(), soft, pos_weight=self.pos_weight, reduction="none"
+        )
+        if binary and self.weight is not None:
+            loss = loss * self.weight[target.long()]
+        return loss.mean()

@@ -139,7 +139,7 @@ def train_one_epoch(
         n = y.shape[0]
         # Accumulate on device: a .item() per step would force a sync on CUDA.
         total_loss += loss.detach().float() * n
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += count_correct(logits.detach(), y)
         seen += n
         if progress is not None:
             progress.update(n)
@@ -168,6 +168,19 @@ def train_one_epoch(
     )
 
 
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions in a batch: arg-max, one binary logit > 0, or every label right.
+
+    The task shows in the shapes: (B, K) targets are multi-label (exact match counts), a single
+    logit column is a binary head, anything else is softmax over K classes.
+    """
+    if y.ndim == 2:
+        return ((logits > 0) == (y > 0.5)).all(1).sum()
+    if logits.shape[1] == 1:
+        return ((logits[:, 0] > 0).long() == y).sum()
+    return (logits.argmax(1) == y).sum()
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -175,7 +188,7 @@ def predict_logits(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     rt: Runtime,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run the model over batches; return (N, K) float32 logits and (N,) int labels."""
+    """Run the model over batches; return (N, K) float32 logits and the batches' labels."""
     model.eval()
     outs, labels = [], []
     for x, y in batches:
@@ -189,8 +202,16 @@ def predict_logits(
 
 
 def cross_entropy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cross-entropy of numpy logits (for validation loss without a second pass)."""
+    """Mean validation loss of numpy logits as the task trains it (cross-entropy or BCE).
+
+    Binary cross-entropy for a single logit column or multi-hot labels, else softmax
+    cross-entropy; computed from logits already predicted (no second pass).
+    """
     if len(labels) == 0:
         return math.nan
-    t = torch.from_numpy(logits)
-    return float(nn.functional.cross_entropy(t, torch.from_numpy(labels)).item())
+    t, y = torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(labels))
+    if y.ndim == 2:
+        return float(nn.functional.binary_cross_entropy_with_logits(t, y.float()).item())
+    if t.shape[1] == 1:
+        return float(nn.functional.binary_cross_entropy_with_logits(t[:, 0], y.float()).item())
+    return float(nn.functional.cross_entropy(t, y).item())

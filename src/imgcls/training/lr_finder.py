@@ -29,10 +29,10 @@ from imgcls.errors import ImgclsError
 from imgcls.io import atomic_path
 from imgcls.training import checkpoint
 from imgcls.training.batches import auto_workers, make_batches, set_epoch
-from imgcls.training.imbalance import loss_class_weights, sample_weights
 from imgcls.training.loop import Preprocess, Runtime, backward_and_step
 from imgcls.training.run import SplitData, build_model
 from imgcls.training.trainer import (
+    imbalance_setup,
     make_loss,
     make_optimizer,
     make_runtime,
@@ -179,8 +179,7 @@ def find_lr(
         if rt.channels_last:
             model.to(memory_format=torch.channels_last)
         prep = Preprocess(*channel_stats(train_x)).to(device)
-        classes = data.classes
-        balanced = cfg.sampler == "balanced"
+        weights, sample_probs = imbalance_setup(cfg, train_y, data.classes, data.task)
         workers = cfg.num_workers
         batches = make_batches(
             train_x,
@@ -190,10 +189,9 @@ def find_lr(
             shuffle=True,
             device=device,
             num_workers=auto_workers(device) if workers == "auto" else workers,
-            sample_probs=sample_weights(train_y, len(classes)) if balanced else None,
+            sample_probs=sample_probs,
         )
-        weights = loss_class_weights(cfg.class_weights, train_y, classes)
-        loss_fn = make_loss(cfg, weights).to(device)
+        loss_fn = make_loss(cfg, weights, data.task).to(device)
         optimizer = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
         model.train()

@@ -19,9 +19,21 @@ from imgcls.data.dataset import cache_key, channel_stats, decode_images, infer_c
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv
 from imgcls.models.registry import create_model
+from imgcls.task import (
+    Task,
+    encode_labels,
+    label_classes,
+    order_classes,
+    output_units,
+    probs_numpy,
+    resolve_task,
+    tune_thresholds,
+    unknown_labels,
+)
 from imgcls.training import distributed
+from imgcls.training.batches import make_batches
 from imgcls.training.distributed import Dist
-from imgcls.training.loop import Preprocess
+from imgcls.training.loop import Preprocess, Runtime, predict_logits
 from imgcls.training.trainer import (
     EpochCallback,
     FitResult,
@@ -33,14 +45,15 @@ from imgcls.training.trainer import (
 
 @dataclass
 class SplitData:
-    """Decoded images of every row in splits.csv, with integer labels and split names."""
+    """Decoded images of every row in splits.csv, with encoded labels and split names."""
 
     frame: pd.DataFrame
     images: np.ndarray  # (N, S, S, C) uint8, memory-mapped
-    labels: np.ndarray  # (N,) int64 indices into `classes`
-    classes: list[str]
+    labels: np.ndarray  # (N,) int64 indices into `classes`; (N, K) float32 multi-hot if multilabel
+    classes: list[str]  # binary: [negative, positive]
     channels: int
     key: str  # cache key: rows + size + channels
+    task: Task = "multiclass"
 
     def part(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of one split."""
@@ -56,24 +69,56 @@ def load_split_data(
     cache_dir: Path,
     *,
     classes: list[str] | None = None,
+    task: Task = "multiclass",
     progress: bool = True,
 ) -> SplitData:
-    """Read splits.csv and decode its images once (cached across epochs and stages)."""
+    """Read splits.csv and decode its images once (cached across epochs and stages).
+
+    `classes` fixes the label order (a saved model's); by default the sorted labels found.
+    """
     frame = read_csv(splits_csv)
     if frame.empty:
         raise ImgclsError(f"{splits_csv}: no rows; check the data source and the validate report")
-    classes = classes or sorted(frame["label"].unique())
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(frame["label"]) - set(index))
+    frame["label"] = frame["label"].astype(str)
+    classes = classes or label_classes(frame["label"], task)
+    unknown = unknown_labels(frame["label"], classes, task)
     if unknown:
         raise ImgclsError(
             f"{splits_csv}: labels {unknown} are not classes the model knows ({classes})"
         )
     n_channels = infer_channels(frame["mode"]) if channels == "auto" else int(channels)
     images = decode_images(frame, root, image_size, n_channels, cache_dir, progress=progress)
-    labels = frame["label"].map(index).to_numpy(dtype=np.int64)
+    labels = encode_labels(frame["label"].tolist(), classes, task)
     return SplitData(
-        frame, images, labels, classes, n_channels, cache_key(frame, image_size, n_channels)
+        frame,
+        images,
+        labels,
+        list(classes),
+        n_channels,
+        cache_key(frame, image_size, n_channels),
+        task,
+    )
+
+
+def load_training_data(
+    params: Params, splits_csv: Path, root: Path, cache_dir: Path, *, progress: bool = True
+) -> SplitData:
+    """splits.csv decoded for training: the task from `model.head` / `data.multi_label`."""
+    labels = read_csv(splits_csv)["label"].astype(str)
+    multi = params.data.multi_label
+    found = label_classes(labels, "multilabel" if multi else "multiclass")
+    task = resolve_task(params.model.head, multi, found)
+    classes = order_classes(found, task, params.model.positive_class)
+    cfg = params.train
+    return load_split_data(
+        splits_csv,
+        root,
+        cfg.image_size,
+        cfg.channels,
+        cache_dir,
+        classes=classes,
+        task=task,
+        progress=progress,
     )
 
 
@@ -94,7 +139,7 @@ def build_model(params: Params, data: SplitData) -> nn.Module:
     return create_model(
         params.model.name,
         in_chans=data.channels,
-        num_classes=len(data.classes),
+        num_classes=output_units(data.task, len(data.classes)),
         image_size=params.train.image_size,
         pretrained=params.model.pretrained,
         pretrained_path=params.model.pretrained_path,
@@ -145,11 +190,18 @@ def train_model(
         progress=progress,
         dist=dist,
         classes=data.classes,
+        task=data.task,
     )
+    thresholds = None
+    if data.task != "multiclass":
+        thresholds = val_thresholds(result.model, Preprocess(mean, std), data, params)
     meta = {
         "arch": params.model.name,
         "model_kwargs": params.model.kwargs,
         "classes": data.classes,
+        "task": data.task,
+        "thresholds": thresholds,  # binary / multilabel decision thresholds, tuned on val
+        "threshold_metric": cfg.threshold_metric if thresholds else None,
         "image_size": cfg.image_size,
         "channels": data.channels,
         "mean": mean,
@@ -165,3 +217,29 @@ def train_model(
         "imgcls_version": imgcls.__version__,
     }
     return result, meta
+
+
+def val_thresholds(
+    model: nn.Module, prep: Preprocess, data: SplitData, params: Params
+) -> list[float] | None:
+    """Decision thresholds that maximise `train.threshold_metric` on the val split.
+
+    Without val images there is nothing honest to tune on: the thresholds stay at 0.5 (the test
+    split must never choose them).
+    """
+    images, labels = data.part("val")
+    if len(labels) == 0:
+        return tune_thresholds(data.task, labels[:0], np.zeros((0, len(data.classes))))
+    device = next(model.parameters()).device
+    batches = make_batches(
+        images,
+        labels,
+        None,
+        params.evaluate.batch_size,
+        shuffle=False,
+        device=device,
+        num_workers=0,
+    )
+    logits, _ = predict_logits(model, prep.to(device), batches, Runtime(device=device))
+    probs = probs_numpy(data.task, logits)
+    return tune_thresholds(data.task, labels, probs, params.train.threshold_metric)

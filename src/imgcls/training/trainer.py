@@ -21,13 +21,17 @@ from tqdm.auto import tqdm
 
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
+from imgcls.task import Task, output_units
 from imgcls.training import checkpoint, distributed
 from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
 from imgcls.training.distributed import Dist, gather_objects, gather_rows
 from imgcls.training.ema import ModelEma
 from imgcls.training.imbalance import (
+    ImbalanceError,
+    SigmoidBCE,
     WeightedCrossEntropy,
     describe_weights,
+    label_pos_weights,
     loss_class_weights,
     sample_weights,
 )
@@ -100,16 +104,39 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def make_loss(cfg: TrainConfig, class_weights: np.ndarray | None = None) -> nn.Module:
-    """The training loss: softmax cross-entropy, optionally class-weighted and label-smoothed.
+def make_loss(
+    cfg: TrainConfig, class_weights: np.ndarray | None = None, task: Task = "multiclass"
+) -> nn.Module:
+    """The task's loss, optionally class-weighted and label-smoothed (the one place that maps).
 
-    The one place that maps the task to its loss, so that other heads (binary, multi-label) can
-    be added here as a switch.
+    multiclass: softmax cross-entropy; binary: BCE on the single logit (`class_weights` (2,)
+    per image); multilabel: BCE per label (`class_weights` (K,) are positive weights).
     """
-    if class_weights is None:
+    weight = None if class_weights is None else torch.as_tensor(class_weights).float()
+    if task == "binary":
+        return SigmoidBCE(weight=weight, label_smoothing=cfg.label_smoothing)
+    if task == "multilabel":
+        return SigmoidBCE(pos_weight=weight, label_smoothing=cfg.label_smoothing)
+    if weight is None:
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    weight = torch.as_tensor(class_weights, dtype=torch.float32)  # (K,)
     return WeightedCrossEntropy(weight, label_smoothing=cfg.label_smoothing)
+
+
+def imbalance_setup(
+    cfg: TrainConfig, labels: np.ndarray, names: list[str], task: Task
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Loss weights and per-image draw probabilities for `train.class_weights` / `sampler`."""
+    if task == "multilabel":
+        if cfg.sampler == "balanced":
+            raise ImbalanceError(
+                "train.sampler: balanced draws every class equally often, but multi-label "
+                "images belong to several labels; use train.sampler: shuffle with "
+                "train.class_weights: balanced (per-label positive weights) instead"
+            )
+        return label_pos_weights(cfg.class_weights, labels, names), None
+    weights = loss_class_weights(cfg.class_weights, labels, names)
+    probs = sample_weights(labels, len(names)) if cfg.sampler == "balanced" else None
+    return weights, probs
 
 
 def make_scheduler(
@@ -139,13 +166,27 @@ def classification_scores(
     labels: np.ndarray,
     num_classes: int,
     classes: list[str] | None = None,
+    task: Task = "multiclass",
 ) -> dict[str, float]:
-    """Loss, accuracy, macro precision / recall / F1 and, given `classes`, per-class recall."""
+    """Loss, accuracy, macro precision / recall / F1 and, given `classes`, per-class recall.
+
+    Binary and multi-label heads are scored at the default 0.5 threshold (the tuned thresholds
+    come from the best epoch, after training); multi-label `accuracy` is the exact-match
+    (subset) accuracy, and `f1_micro` is added.
+    """
     if len(labels) == 0:
         return {}
-    pred = logits.argmax(1)
+    if task == "multilabel":
+        pred = (logits > 0).astype(np.int64)
+        label_ids = list(range(num_classes))
+    elif task == "binary":
+        pred = (logits[:, 0] > 0).astype(np.int64)
+        label_ids = [0, 1]
+    else:
+        pred = logits.argmax(1)
+        label_ids = list(range(num_classes))
     p, r, f, _ = precision_recall_fscore_support(
-        labels, pred, labels=list(range(num_classes)), average="macro", zero_division=0
+        labels, pred, labels=label_ids, average="macro", zero_division=0
     )
     out = {
         "loss": cross_entropy_from_logits(logits, labels),
@@ -154,10 +195,15 @@ def classification_scores(
         "recall_macro": float(r),
         "f1_macro": float(f),
     }
+    if task == "multilabel":
+        _, _, f_micro, _ = precision_recall_fscore_support(
+            labels, pred, labels=label_ids, average="micro", zero_division=0
+        )
+        out["f1_micro"] = float(f_micro)
     if classes:
         # Macro figures hide a rare class that is never predicted; its own recall shows it.
         _, recall, _, _ = precision_recall_fscore_support(
-            labels, pred, labels=list(range(num_classes)), average=None, zero_division=0
+            labels, pred, labels=label_ids, average=None, zero_division=0
         )
         for name, value in zip(classes, recall, strict=True):
             key = f"recall_{metric_name(name)}"
@@ -252,6 +298,7 @@ def fit(
     progress: bool = True,
     dist: Dist | None = None,
     classes: list[str] | None = None,
+    task: Task = "multiclass",
 ) -> FitResult:
     """Train `model`, validating every epoch; resume a checkpoint of the same config.
 
@@ -259,7 +306,8 @@ def fit(
     DDP, validation predictions are gathered so that every rank computes the same metrics (and
     takes the same early-stopping decision), and only rank 0 logs and writes the checkpoint.
     `classes` (names of the label indices) enables `train.class_weights` given as a mapping and
-    the per-class validation recall in each epoch row.
+    the per-class validation recall in each epoch row. `task` picks the loss and the scores
+    (imgcls.task): labels are (N,) class indices, or (N, K) multi-hot for multilabel.
     """
     dist = dist or Dist()
     device = distributed.setup(dist, select_device(cfg.device))
@@ -281,8 +329,7 @@ def fit(
         workers = auto_workers(device, dist.world_size)
     names = classes or [str(i) for i in range(num_classes)]
     # From the full train labels, which every rank holds: identical weights on every rank.
-    class_weights = loss_class_weights(cfg.class_weights, train_data[1], names)
-    sample_probs = sample_weights(train_data[1], num_classes) if cfg.sampler == "balanced" else None
+    class_weights, sample_probs = imbalance_setup(cfg, train_data[1], names, task)
     if class_weights is not None or sample_probs is not None:
         say(
             "imbalance: class_weights %s, sampler %s",
@@ -318,7 +365,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
-    loss_fn = make_loss(cfg, class_weights).to(device)
+    loss_fn = make_loss(cfg, class_weights, task).to(device)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     train_net: nn.Module = model
     if dist.enabled:
@@ -399,10 +446,14 @@ def fit(
             bar.close()
         val_logits, val_labels = predict_logits(eval_net, prep, val_batches, rt)
         if len(val_labels) == 0:
-            val_logits = np.zeros((0, num_classes), np.float32)
+            val_logits = np.zeros((0, output_units(task, num_classes)), np.float32)
         val_logits, val_labels = gather_rows(val_logits), gather_rows(val_labels)
         val = classification_scores(
-            val_logits, val_labels, num_classes, names if num_classes <= PER_CLASS_MAX else None
+            val_logits,
+            val_labels,
+            num_classes,
+            names if num_classes <= PER_CLASS_MAX else None,
+            task,
         )
         row = {
             "epoch": epoch + 1,
