@@ -3,19 +3,9 @@
 import argparse
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from imgcls import tracking
 from imgcls.config import load_params
-from imgcls.data.augment import build_transform, serialize
-from imgcls.evaluation.gallery import augmentation_grid
-from imgcls.io import write_csv, write_json
-from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.stage import run_stage
-from imgcls.training import distributed
-from imgcls.training.run import load_training_data, train_model
-from imgcls.training.trainer import select_device
 
 
 def main() -> None:
@@ -35,21 +25,31 @@ def main() -> None:
     cfg = params.train
     # Under `torchrun --nproc_per_node=N` every process runs this file; only rank 0 talks to
     # MLflow and writes outputs, the others just train their share of each batch.
+    run = None
+    if tracking.is_main_rank():
+        # Before the heavy imports below: fails fast (milliseconds) if the store is unusable,
+        # then the MLflow logger process imports mlflow and creates the run on the core that
+        # these imports (~4 s: torch, albumentations, scikit-learn) leave idle.
+        run = tracking.start_pipeline_run(params, splits_csv=args.splits, reports_dir=args.reports)
+
+    import numpy as np
+    import pandas as pd
+
+    from imgcls.data.augment import build_transform, serialize
+    from imgcls.evaluation.gallery import augmentation_grid
+    from imgcls.io import write_csv, write_json
+    from imgcls.models.bundle import save_bundle
+    from imgcls.training import distributed
+    from imgcls.training.run import load_training_data, train_model
+    from imgcls.training.trainer import select_device
+
     dist = distributed.from_env()
     distributed.setup(dist, select_device(cfg.device))
     build_transform(params.augment.eval, "augment.eval")  # fail on a bad entry before training
     augment = build_transform(params.augment.train, "augment.train")
-    run = None
-    if dist.is_main:
-        # Fails fast (milliseconds) if the store is unusable; mlflow's import and the run's
-        # creation then overlap with decoding and training on the run's worker thread.
-        run = tracking.start_pipeline_run(
-            params,
-            splits_csv=args.splits,
-            reports_dir=args.reports,
-            device=str(select_device(cfg.device)),
-            extra_dicts={"config/augment.train.json": serialize(augment)},
-        )
+    if run is not None:
+        run.set_tags({"device": str(select_device(cfg.device))})
+        run.log_dict(serialize(augment), "config/augment.train.json")
 
     def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
         if run is not None:
@@ -63,13 +63,10 @@ def main() -> None:
             )
         if run is not None:
             run.check()
-            grid_args = (*data.part("train"), data.classes, augment)
-            run.submit(
-                lambda r: r.log_image(
-                    augmentation_grid(*grid_args, seed=params.base.seed),
-                    "figures/augmentation_grid.png",
-                )
-            )
+            grid = augmentation_grid(
+                *data.part("train"), data.classes, augment, seed=params.base.seed
+            )  # tens of ms; the logger process only uploads it
+            run.log_image(grid, "figures/augmentation_grid.png")
         result, meta = train_model(
             params, data, checkpoint_path=args.checkpoint, on_epoch_end=on_epoch_end, dist=dist
         )
@@ -82,13 +79,13 @@ def main() -> None:
     if not dist.is_main:
         return
     save_bundle(args.model, result.model, meta)
-    # The models are logged on the run's worker while this thread writes the other outputs.
+    # The logger process logs both models from the saved bundle while this one writes the
+    # other outputs.
     run_info = tracking.finish_train_run(
         run,
         params,
         best_epoch=result.best_epoch,
         best_value=result.best_value,
-        model=ImageClassifier(result.model.cpu().eval(), meta["mean"], meta["std"], meta["task"]),
         input_example=np.asarray(data.images[:2]),  # 2 samples: keeps the batch size dynamic
         metadata=meta,
         model_path=args.model,

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from tests.conftest import pattern_image
 from tests.test_heads import _two_feature_image
 from tests.test_pipeline_e2e import make_project, mlflow_runs, sh

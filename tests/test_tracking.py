@@ -9,6 +9,7 @@ import http.server
 import logging
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from imgcls.config import TrackingConfig, parse_params
 from imgcls.tracking import (
-    BackgroundRun,
     Run,
+    RunProcess,
     TrackingError,
     artifact_location,
     describe_not_logged,
@@ -264,7 +265,7 @@ def test_a_start_failure_in_the_background_stops_training(
     splits = tmp_path / "splits.csv"
     splits.write_text("path,label,split\n")
     run = start_pipeline_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
-    assert isinstance(run, BackgroundRun)  # the HTTP probe got an answer: started in background
+    assert isinstance(run, RunProcess)  # the HTTP probe got an answer: started in background
     run.log_metrics({"train_loss": 1.0}, step=1)  # queued; never raises on the training thread
     with pytest.raises(TrackingError, match=not_mlflow_server):
         run.join()
@@ -274,7 +275,7 @@ def test_a_start_failure_in_the_background_stops_training(
 
 
 def test_background_run_keeps_order_and_finish_logs_both_models(tmp_path: Path, store: str) -> None:
-    from imgcls.models.bundle import ImageClassifier, save_bundle
+    from imgcls.models.bundle import save_bundle
     from imgcls.models.registry import create_model
 
     params = parse_params({"tracking": {"uri": store, "register_model": "bg-digits"}})
@@ -300,7 +301,6 @@ def test_background_run_keeps_order_and_finish_logs_both_models(tmp_path: Path, 
         params,
         best_epoch=5,
         best_value=0.2,
-        model=ImageClassifier(net.eval(), meta["mean"], meta["std"]).eval(),
         input_example=np.zeros((2, 16, 16, 1), np.uint8),
         metadata=meta,
         model_path=tmp_path / "model.pt",
@@ -323,3 +323,35 @@ def test_background_run_keeps_order_and_finish_logs_both_models(tmp_path: Path, 
     served = mlflow.pyfunc.load_model("models:/bg-digits/1")
     rows = served.predict(np.zeros((1, 16, 16, 1), np.uint8))
     assert set(rows[0]["probabilities"]) == {"a", "b", "c"}
+
+
+def test_train_process_never_imports_mlflow_and_a_killed_one_leaves_the_run_failed(
+    tmp_path: Path, store: str
+) -> None:
+    # The run lives in the logger process; if the train process dies without closing it, the
+    # logger sees the pipe close and marks the run FAILED instead of leaving it RUNNING.
+    splits = tmp_path / "splits.csv"
+    splits.write_text("path,label,split\n")
+    code = f"""
+import os, sys
+from pathlib import Path
+from imgcls.config import parse_params
+from imgcls.tracking import start_pipeline_run
+params = parse_params({{"tracking": {{"uri": {store!r}, "log_model": False}}}})
+run = start_pipeline_run(params, splits_csv=Path({str(splits)!r}), reports_dir=Path("."))
+run.log_metrics({{"train_loss": 0.5}}, step=1)
+print(run.run_id, "mlflow" in sys.modules, flush=True)
+os._exit(3)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 3, out.stderr
+    run_id, imported = out.stdout.split()
+    assert imported == "False"
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]

@@ -14,12 +14,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import multiprocessing
 import os
+import queue
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +110,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pipeline_tags(splits_csv: Path, device: str) -> dict[str, str]:
+def pipeline_tags(splits_csv: Path, device: str | None = None) -> dict[str, str]:
     """Tags that tie a run to its code, data, DVC experiment, device and imgcls version."""
     import imgcls
 
     exp_name = os.environ.get("DVC_EXP_NAME", "")
-    return {
+    tags = {
         **git_info(repo_root()),
         "dvc.exp_name": exp_name,
         "data.splits_sha256": file_sha256(splits_csv),
-        "device": device,
         "imgcls.version": imgcls.__version__,
         "mlflow.source.name": "dvc exp run" if exp_name else "dvc repro",
     }
+    return tags if device is None else {**tags, "device": device}
 
 
 def _is_http(uri: str) -> bool:
@@ -225,6 +230,19 @@ def describe_not_logged(items: list[str]) -> str:
     return "; ".join(parts + other)
 
 
+def warn_not_logged(stage: str, uri: str, run_id: str | None, items: list[str]) -> None:
+    """One warning that lists everything a stage could not log (no-op if nothing)."""
+    if items:
+        log.warning(
+            "%s: could not log everything to the MLflow store at %s; local files are "
+            "complete, but these were NOT logged to run %s: %s",
+            stage,
+            uri,
+            run_id,
+            describe_not_logged(items),
+        )
+
+
 class Run:
     """One MLflow run shared by the train and evaluate stages.
 
@@ -284,15 +302,7 @@ class Run:
 
     def warn_not_logged(self, stage: str) -> None:
         """One warning that lists everything this process could not log (no-op if nothing)."""
-        if self.not_logged:
-            log.warning(
-                "%s: could not log everything to the MLflow store at %s; local files are "
-                "complete, but these were NOT logged to run %s: %s",
-                stage,
-                self.uri,
-                self.run_id,
-                describe_not_logged(self.not_logged),
-            )
+        warn_not_logged(stage, self.uri, self.run_id, self.not_logged)
 
     # ------------------------------------------------------------------ logging
 
@@ -475,98 +485,277 @@ def _pip_requirements() -> list[str]:
 # ---------------------------------------------------------------------- pipeline helpers
 
 
-class BackgroundRun:
-    """A :class:`Run` created and fed by one worker thread, so training never waits on the store.
+# The pipeline's run lives in a separate logger *process* (not a thread): on a 2-core box a
+# thread shared the GIL and the CPU with training and cost +14 % / +22 % of the train stage
+# (bench/RESULTS.md, issue 7). The process is spawned before the train stage imports torch,
+# so importing mlflow and creating the run use the core that those imports leave idle; it runs
+# at a low priority, so during training it only gets CPU time that training leaves unused.
+# The train process never imports mlflow: each call pickles a message onto a pipe, in order.
+LOGGER_NICE = 19
+_LOGGER_CODE = "import sys; from imgcls.tracking import logger_main; logger_main(int(sys.argv[1]))"
+# Run methods the train stage may call on the logger (anything else is a programming error).
+_RUN_CALLS = frozenset(
+    {"log_params", "set_tags", "log_metrics", "log_dict", "log_text", "log_image", "end"}
+)
 
-    Calls are queued in order (one FIFO worker) and return at once; an epoch's metrics queue
-    until the run exists. :meth:`join` waits for everything queued. If creating the run failed,
-    :meth:`check` raises :class:`TrackingError` (the train stage calls it at every epoch end).
+
+def is_main_rank() -> bool:
+    """True unless torchrun made this process a rank other than 0 (read from `RANK`, no torch)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+class RunProcess:
+    """The pipeline's MLflow run, created and fed by a separate, low-priority logger process.
+
+    Calls return at once (a sender thread writes the pipe, so training never blocks on it) and
+    are applied in order. :meth:`check` raises :class:`TrackingError` once the logger reports
+    that creating the run failed; :meth:`join` waits for every queued call and the logger's
+    exit. If the logger dies, training goes on and the lost calls are listed in
+    :attr:`not_logged`. POSIX only (the pipe is inherited with `pass_fds`).
     """
 
-    def __init__(self, start: Callable[[], Run]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcls-mlflow")
-        self._started: Future[Run] = self._pool.submit(start)
-        self._lock = threading.Lock()
-        self._closed = False
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        ours, theirs = multiprocessing.Pipe()
+        fd = theirs.fileno()
+        self._proc = subprocess.Popen([sys.executable, "-c", _LOGGER_CODE, str(fd)], pass_fds=[fd])
+        theirs.close()
+        self._conn = ours
+        self.uri: str = spec["cfg"].uri
+        self._run_id: str | None = None
+        self._error: str | None = None
+        self._record: dict[str, Any] | None = None
+        self._lost: list[str] = []  # calls that never reached the logger
+        self._outbox: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_all, name="imgcls-mlflow", daemon=True)
+        self._sender.start()
+        self._send("run", "start", dict(spec))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, what: str, name: str, *args: Any) -> None:
+        """Queue one call for the logger; `what` names it in :attr:`not_logged` if it is lost."""
+        if self._record is not None:
+            raise RuntimeError("this run's logger is already closed")
+        self._outbox.put((what, (name, *args)))
+
+    def _send_all(self) -> None:
+        """Sender thread: pickle queued calls onto the pipe (blocks here, never in training)."""
+        while (item := self._outbox.get()) is not None:
+            what, message = item
+            try:
+                self._conn.send(message)
+            except Exception:  # the logger exited (run creation failed) or the call won't pickle
+                self._lost.append(what)
+
+    def _read(self, block: bool) -> None:
+        """Apply the logger's replies: `started`, `failed` or `done` (waits for one if `block`)."""
+        try:
+            while block or self._conn.poll():
+                kind, value = self._conn.recv()
+                if kind == "started":
+                    self._run_id = value
+                elif kind == "failed":
+                    self._error = value
+                else:  # "done"
+                    self._record = value
+                block = False
+        except (EOFError, OSError):  # the logger exited without saying why (crashed or killed)
+            if self._run_id is None and self._error is None:
+                self._error = f"the MLflow logger process exited ({self._proc.poll()})"
+            if self._record is None:
+                self._record = {"not_logged": ["the rest (the logger process died)"]}
 
     # ------------------------------------------------------------------ state
 
     def check(self) -> None:
         """Raise :class:`TrackingError` if the run could not be created (no-op while pending)."""
-        if self._started.done():
-            self._result()
-
-    def _result(self) -> Run:
-        """The started run (waits for it); a start failure becomes :class:`TrackingError`."""
-        try:
-            return self._started.result()
-        except TrackingError:
-            raise
-        except Exception as err:  # mlflow raises many types; Run.start wraps most of them
-            first = (str(err).splitlines() or [""])[0][:200]
-            message = f"cannot start the MLflow run ({type(err).__name__}: {first})"
-            raise TrackingError(message) from None
-
-    @property
-    def run(self) -> Run:
-        """The underlying :class:`Run` (waits until it exists)."""
-        return self._result()
+        if self._error is None and self._record is None:
+            self._read(block=False)
+        if self._error is not None:
+            raise TrackingError(self._error)
 
     @property
     def run_id(self) -> str:
-        """The run id (waits until the run exists)."""
-        return self._result().run_id
-
-    @property
-    def uri(self) -> str:
-        """The tracking URI (waits until the run exists)."""
-        return self._result().uri
+        """The run id (waits until the logger has created the run)."""
+        while self._run_id is None and self._error is None and self._record is None:
+            self._read(block=True)
+        self.check()
+        assert self._run_id is not None
+        return self._run_id
 
     @property
     def not_logged(self) -> list[str]:
-        """What could not be logged so far (call :meth:`join` first for the full list)."""
-        return self._result().not_logged if self._started.done() else []
+        """What could not be logged (complete after :meth:`join`)."""
+        return [*(self._record or {}).get("not_logged", []), *self._lost]
 
-    # ------------------------------------------------------------------ queueing
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        """Queue `fn(run, *args, **kwargs)` on the worker; its result arrives in the future."""
-
-        def job() -> Any:
-            return fn(self._started.result(), *args, **kwargs)
-
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this run's worker is already shut down")
-            return self._pool.submit(job)
-
-    def join(self) -> Run:
-        """Wait for every queued call, stop the worker; the run (or :class:`TrackingError`)."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._pool.shutdown(wait=True)
-        return self._result()
+    # ------------------------------------------------------------------ calls
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue one metrics batch (see :meth:`Run.log_metrics`)."""
-        self.submit(Run.log_metrics, dict(metrics), step)
+        what = "metrics" if step is None else f"metrics (step {step})"
+        self._send(what, "log_metrics", dict(metrics), step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Queue tags (see :meth:`Run.set_tags`)."""
+        self._send("tags", "set_tags", dict(tags))
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        """Queue a JSON / YAML artifact (see :meth:`Run.log_dict`)."""
+        self._send(f"artifact {artifact_file}", "log_dict", data, artifact_file)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """Queue a PNG artifact (see :meth:`Run.log_image`)."""
-        self.submit(Run.log_image, image, artifact_file)
+        self._send(f"artifact {artifact_file}", "log_image", image, artifact_file)
+
+    def log_models(
+        self, model_path: Path, input_example: Any, metadata: Any, registered_name: str | None
+    ) -> None:
+        """Queue both models, read by the logger from the saved bundle (see `finish_train_run`)."""
+        import numpy as np
+
+        example = np.array(input_example)  # a copy: the caller may reuse its buffer
+        if example.ndim < 1 or len(example) < 2:
+            raise ValueError("input_example needs >= 2 samples to export a dynamic batch size")
+        self._send("model", "log_models", Path(model_path), example, metadata, registered_name)
+
+    def join(self) -> dict[str, Any]:
+        """Wait for every queued call and the logger's exit; its record or TrackingError."""
+        if self._record is None:
+            self._outbox.put(("close", ("close",)))
+            self._outbox.put(None)
+            self._sender.join()
+            while self._record is None:
+                self._read(block=True)
+            self._conn.close()
+            self._proc.wait()
+        if self._error is not None:
+            raise TrackingError(self._error)
+        return self._record
 
     def end(self, status: str = "FINISHED") -> None:
-        """Queue the run's end status and wait for everything queued (no-op if never started)."""
-        if not self._closed:
-            self.submit(Run.end, status)
-        # Nothing to end if the run never started: check() reports that failure.
-        with contextlib.suppress(TrackingError):
+        """Queue the run's end status and wait for the logger (no-op if the run never started)."""
+        if self._record is None:
+            self._send("run status", "end", status)
+        with contextlib.suppress(TrackingError):  # check() reports a start failure
             self.join()
 
     def warn_not_logged(self, stage: str) -> None:
-        """See :meth:`Run.warn_not_logged` (after :meth:`join`)."""
-        self.join().warn_not_logged(stage)
+        """One warning listing what this run could not log (after :meth:`join`)."""
+        warn_not_logged(stage, self.uri, self._run_id, self.not_logged)
+
+
+def logger_main(fd: int) -> None:
+    """The logger process: create the run, then apply the train stage's calls in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the train process ends the run
+    os.nice(LOGGER_NICE)
+    from imgcls.stage import setup_logging
+
+    setup_logging()
+    conn = Connection(fd)
+    run: Run | None = None
+    try:
+        _, spec = conn.recv()
+        try:
+            run = _create_pipeline_run(spec)
+        except Exception as err:
+            conn.send(("failed", _start_failure(err)))
+            return
+        conn.send(("started", run.run_id))
+        warm = None
+        if spec["log_model"]:  # import torch.export & co while training leaves a core idle
+            warm = threading.Thread(target=_prewarm_model_logging, daemon=True)
+            warm.start()
+        models: dict[str, Any] = {}
+        while (message := conn.recv())[0] != "close":
+            if message[0] == "log_models":
+                if warm is not None:
+                    warm.join()
+                models = _log_models(run, *message[1:])
+            elif message[0] in _RUN_CALLS:
+                _apply(run, message[0], message[1:])
+        conn.send(("done", {"not_logged": run.not_logged, **models}))
+    except EOFError:  # the train process died without closing: don't leave the run RUNNING
+        if run is not None:
+            run.end("FAILED")
+
+
+def _apply(run: Run, name: str, args: tuple[Any, ...]) -> None:
+    """One queued call; a local error (not the store) is logged and listed, the logger goes on."""
+    try:
+        getattr(run, name)(*args)
+    except Exception as err:
+        log.warning("MLflow: %s failed: %s: %s", name, type(err).__name__, err)
+        run.not_logged.append(name)
+
+
+def _start_failure(err: Exception) -> str:
+    """The one-line message the train stage raises when the run could not be created."""
+    if isinstance(err, TrackingError):
+        return str(err)
+    first = (str(err).splitlines() or [""])[0][:200]
+    return f"cannot start the MLflow run ({type(err).__name__}: {first})"
+
+
+def _create_pipeline_run(spec: Mapping[str, Any]) -> Run:
+    """In the logger: start the run, log params, resolved config and the data reports."""
+    import yaml
+
+    resolved, reports_dir = spec["resolved"], Path(spec["reports_dir"])
+    tags = {**pipeline_tags(Path(spec["splits_csv"])), "model.name": resolved["model"]["name"]}
+    run = Run.start(spec["cfg"], run_name=spec["run_name"], tags=tags)
+    run.log_params(resolved)
+    run.log_text(yaml.safe_dump(resolved, sort_keys=False), "config/params.resolved.yaml")
+    for name in ("validation.md", "validation.json", "split.json"):
+        if (reports_dir / name).is_file():
+            run.log_artifact(reports_dir / name, "data")
+    return run
+
+
+def _prewarm_model_logging() -> None:
+    """Save and reload a tiny model in a temp dir (never the store): warms torch.export & co.
+
+    Cold, the first `mlflow.pytorch.log_model` of a process costs ~3.6 s of CPU (imports and
+    lazy initialisation of torch.export, the pt2 loader, pyfunc); after this ~0.8 s. Runs in
+    the low-priority logger while training, so the train stage does not wait for it at the end.
+    """
+    try:
+        import mlflow.pyfunc
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+
+        from imgcls.models.bundle import ImageClassifier
+
+        torch.set_num_threads(1)
+        layers = [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU()]
+        net = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        model = ImageClassifier(net, [0.5], [0.25]).eval()
+        example = np.zeros((2, 4, 4, 1), np.uint8)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "model")
+            mlflow.pytorch.save_model(model, path, input_example=example, pip_requirements=[])
+            mlflow.pyfunc.load_model(path).predict(example)
+    except Exception as err:  # only an optimisation: the real logging reports real problems
+        log.debug("prewarming model logging failed: %s", err)
+
+
+def _log_models(
+    run: Run, model_path: Path, example: Any, metadata: Any, registered_name: str | None
+) -> dict[str, str | None]:
+    """In the logger: the `serving` pyfunc and the `mlflow.pytorch` model, from `model_path`."""
+    from imgcls.models.bundle import load_bundle
+    from imgcls.serving import log_serving_model
+
+    serving = run._safe(
+        "serving model", log_serving_model, model_path, run.run_id, run.uri, registered_name
+    )
+    # Rebuilt from the saved bundle (as `imgcls.serving` does), so the logged model is exactly
+    # what models/model.pt holds, and no module has to be pickled between processes.
+    loaded = run._safe("model", load_bundle, model_path)
+    model_uri = None
+    if loaded is not None:
+        model_uri = run.log_pytorch_model(loaded[0], input_example=example, metadata=metadata)
+    return {"model_uri": model_uri, "serving_model_uri": serving}
 
 
 def start_pipeline_run(
@@ -574,96 +763,73 @@ def start_pipeline_run(
     *,
     splits_csv: Path,
     reports_dir: Path,
-    device: str,
+    device: str | None = None,
     extra_dicts: Mapping[str, Any] | None = None,
-) -> BackgroundRun | None:
-    """Start the pipeline's run in the background (None when tracking is off).
+) -> RunProcess | None:
+    """Start the pipeline's run in a logger process (None when tracking is off).
 
     Raises :class:`TrackingError` at once (milliseconds, before any training) if the store is
-    obviously unusable (server not answering, SQLite folder missing / read-only). Importing
-    mlflow, creating the run and logging params, config and reports then happen on the run's
-    worker thread while the caller decodes data and trains.
+    obviously unusable (server not answering, SQLite folder missing / read-only). Call it
+    before the slow imports: the logger then imports mlflow and creates the run meanwhile.
+    `device` and `extra_dicts` may also be sent later (`set_tags`, `log_dict`).
     """
     if not params.tracking.enabled:
         return None
-    cfg = params.tracking
-    probe(resolve_uri(cfg))
-    resolved = params.to_dict()
-    run_name = os.environ.get("DVC_EXP_NAME") or None
-    extra = dict(extra_dicts or {})
-
-    def start() -> Run:
-        import yaml
-
-        tags = {**pipeline_tags(splits_csv, device), "model.name": params.model.name}
-        run = Run.start(cfg, run_name=run_name, tags=tags)
-        run.log_params(resolved)
-        run.log_text(yaml.safe_dump(resolved, sort_keys=False), "config/params.resolved.yaml")
-        for name, data in extra.items():
-            run.log_dict(data, name)
-        for name in ("validation.md", "validation.json", "split.json"):
-            if (reports_dir / name).is_file():
-                run.log_artifact(reports_dir / name, "data")
-        return run
-
-    # No pre-import of the model-logging modules (mlflow.pytorch, torch.export) on the worker:
-    # importing them during the first epoch slowed it ~15x (0.7 s -> 11 s) on a 2-core box, and
-    # importing them after epoch 1 did not shorten the stage measurably.
-    return BackgroundRun(start)
+    cfg = params.tracking.model_copy(update={"uri": resolve_uri(params.tracking)})
+    probe(cfg.uri)
+    spec = {
+        "cfg": cfg,
+        "run_name": os.environ.get("DVC_EXP_NAME") or None,
+        "resolved": params.to_dict(),
+        "splits_csv": str(splits_csv),
+        "reports_dir": str(reports_dir),
+        "log_model": cfg.log_model,
+    }
+    run = RunProcess(spec)
+    if device is not None:
+        run.set_tags({"device": device})
+    for name, data in (extra_dicts or {}).items():
+        run.log_dict(data, name)
+    return run
 
 
 def finish_train_run(
-    run: BackgroundRun | None,
+    run: RunProcess | None,
     params: Params,
     *,
     best_epoch: int,
     best_value: float,
-    model: Any,
     input_example: Any,
     metadata: Mapping[str, Any],
     model_path: Path,
 ) -> Callable[[], dict[str, Any]]:
     """Queue the best epoch and the models; the returned function waits and gives run.json.
 
-    Two models are logged: `serving` (a pyfunc taking uint8 arrays or base64 image files, for
-    `mlflow models serve`; registered under `tracking.register_model` when set) and `model`
-    (`mlflow.pytorch`, issue 7's record; not registered). `model_path` (the saved bundle) must
-    exist before this is called; the caller writes its other outputs while the worker logs.
+    Two models are logged from `model_path` (the saved bundle, which must exist): `serving` (a
+    pyfunc taking uint8 arrays or base64 image files, for `mlflow models serve`; registered
+    under `tracking.register_model` when set) and `model` (`mlflow.pytorch`, issue 7's record;
+    not registered). The caller writes its other outputs while the logger works.
     """
     if run is None:
         record = {"run_id": None, "tracking_uri": None, "model_uri": None}
         return lambda: {**record, "serving_model_uri": None, "not_logged": []}
     run.log_metrics({"best_epoch": best_epoch, f"best_{params.train.monitor}": best_value})
     cfg = params.tracking
-    serving: Future[Any] | None = None
-    pytorch: Future[Any] | None = None
     if cfg.log_model:
-        serving = run.submit(_log_serving, Path(model_path), cfg.register_model)
-        pytorch = run.submit(
-            Run.log_pytorch_model, model, input_example=input_example, metadata=metadata
-        )
+        run.log_models(model_path, input_example, dict(metadata), cfg.register_model)
 
     def wait() -> dict[str, Any]:
         done = run.join()
-        done.warn_not_logged("train")
+        run.warn_not_logged("train")
         return {
-            "run_id": done.run_id,
-            "tracking_uri": done.uri,
-            "model_uri": pytorch.result() if pytorch else None,
-            "serving_model_uri": serving.result() if serving else None,
-            "not_logged": done.not_logged,
+            "run_id": run.run_id,
+            "tracking_uri": run.uri,
+            "model_uri": done.get("model_uri"),
+            "serving_model_uri": done.get("serving_model_uri"),
+            "not_logged": run.not_logged,
         }
 
     return wait
-
-
-def _log_serving(run: Run, model_path: Path, registered_name: str | None) -> str | None:
-    """The servable pyfunc model (imgcls.serving), best-effort like every other log call."""
-    from imgcls.serving import log_serving_model
-
-    return run._safe(
-        "serving model", log_serving_model, model_path, run.run_id, run.uri, registered_name
-    )
 
 
 def resume_run(run_file: Path) -> Run | None:
