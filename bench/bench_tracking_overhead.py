@@ -54,7 +54,7 @@ def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
-def make_project(dest: Path, epochs: int, image_size: int) -> Path:
+def make_project(dest: Path, epochs: int, image_size: int, cpu_threads: int | None = None) -> Path:
     """Copy the pipeline into a fresh git repo and run the data stages."""
     for name in PROJECT_FILES:
         src = REPO / name
@@ -65,7 +65,7 @@ def make_project(dest: Path, epochs: int, image_size: int) -> Path:
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
-    set_params(dest, epochs=epochs, image_size=image_size)
+    set_params(dest, epochs=epochs, image_size=image_size, cpu_threads=cpu_threads)
     who = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@localhost"}
     who |= {"GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@localhost"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
@@ -75,10 +75,17 @@ def make_project(dest: Path, epochs: int, image_size: int) -> Path:
 
 
 def set_params(
-    root: Path, *, epochs: int | None = None, image_size: int | None = None, **tracking: object
+    root: Path,
+    *,
+    epochs: int | None = None,
+    image_size: int | None = None,
+    cpu_threads: int | None = None,
+    **tracking: object,
 ) -> None:
     """Edit the project's params.yaml in place."""
     params = yaml.safe_load((root / "params.yaml").read_text())
+    if cpu_threads is not None:
+        params["train"]["cpu_threads"] = cpu_threads
     if epochs is not None:
         params["train"]["epochs"] = epochs
     if image_size is not None:
@@ -179,9 +186,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=16, help="train.image_size (default 16)")
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="train.cpu_threads (default: params.yaml's, i.e. one per core); 1 leaves the "
+        "second core of a 2-core box to the logger",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgcls-bench-") as tmp:
-        root = make_project(Path(tmp) / "proj", args.epochs, args.image_size)
+        root = make_project(Path(tmp) / "proj", args.epochs, args.image_size, args.cpu_threads)
         t0 = time.perf_counter()
         time_train(root, "on")  # warm-up: decodes the image cache, creates mlflow.db
         print(f"warm-up train stage (creates mlflow.db schema): {time.perf_counter() - t0:.1f} s")
@@ -194,7 +208,8 @@ def main() -> None:
         costs = component_costs(root, args.epochs, args.image_size)
     off = statistics.median(times["off"])
     print(
-        f"\ntrain stage, {args.epochs} epochs at {args.image_size} px, median of {args.repeats}"
+        f"\ntrain stage, {args.epochs} epochs at {args.image_size} px, "
+        f"train.cpu_threads {args.cpu_threads or 'default'}, median of {args.repeats}"
         " (min in brackets)\n"
     )
     print("| mode | wall s | vs off |")

@@ -266,3 +266,16 @@ def test_softmax_default_is_unchanged(pattern_splits: tuple[Path, Path]) -> None
     assert data.task == "multiclass"
     _, meta = train_model(params, data, checkpoint_path=None, progress=False)
     assert meta["task"] == "multiclass" and meta["thresholds"] is None
+
+
+def test_lr_finder_runs_the_multilabel_loss(tmp_path: Path) -> None:
+    from imgcls.training.lr_finder import find_lr
+
+    splits = _write_splits(tmp_path, with_splits(write_multilabel_dataset(tmp_path, 12)))
+    params = _params(data={"multi_label": True}, class_weights="balanced")
+    data = load_training_data(params, splits, tmp_path, tmp_path / "cache", progress=False)
+    result = find_lr(params, data, start=1e-5, end=1.0, iters=12, progress=False)
+    assert len(result.losses) >= 2 and np.isfinite(result.losses).all()
+    # An untrained sigmoid costs ln 2 per term; balanced positive weights (negatives / positives
+    # = 0.5 for both labels, each on 2 of 3 images) scale the positive terms: 2/3 * 0.5 + 1/3.
+    assert result.losses[0] == pytest.approx((2 / 3 * 0.5 + 1 / 3) * np.log(2), abs=0.05)

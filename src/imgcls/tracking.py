@@ -492,7 +492,13 @@ def _pip_requirements() -> list[str]:
 # at a low priority, so during training it only gets CPU time that training leaves unused.
 # The train process never imports mlflow: each call pickles a message onto a pipe, in order.
 LOGGER_NICE = 19
-_LOGGER_CODE = "import sys; from imgcls.tracking import logger_main; logger_main(int(sys.argv[1]))"
+# After its last reply the logger skips interpreter shutdown (os._exit): tearing down mlflow,
+# SQLAlchemy and torch took ~1.6 s that the train stage would wait for, and every call has been
+# applied (and answered) by then.
+_LOGGER_CODE = (
+    "import os, sys; from imgcls.tracking import logger_main; logger_main(int(sys.argv[1])); "
+    "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)"
+)
 # Run methods the train stage may call on the logger (anything else is a programming error).
 _RUN_CALLS = frozenset(
     {"log_params", "set_tags", "log_metrics", "log_dict", "log_text", "log_image", "end"}
