@@ -10,39 +10,19 @@ prints the wall time per stage and in total, plus the test accuracy reached.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".dvcignore"]
+from project import bench_env, copy_project
 
 
 def main() -> None:
     """Run the pipeline once from scratch and report stage timings."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = bench_env()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "proj"
-        for name in FILES:
-            src, dst = REPO / name, root / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(
-                    src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-                )
-            else:
-                shutil.copy(src, dst)
-        for cmd in (
-            ["git", "init", "-q"],
-            ["git", "add", "-A"],
-            ["git", "-c", "user.name=b", "-c", "user.email=b@l", "commit", "-qm", "b"],
-        ):
-            subprocess.run(cmd, cwd=root, check=True)
+        root = copy_project(Path(tmp) / "proj")
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             ["dvc", "repro"],

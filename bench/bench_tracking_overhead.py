@@ -34,9 +34,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".dvcignore"]
+from project import BIN, commit, copy_project
 
 
 def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> float:
@@ -56,20 +54,9 @@ def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> float:
 
 def make_project(dest: Path, epochs: int, image_size: int, cpu_threads: int | None = None) -> Path:
     """Copy the pipeline into a fresh git repo and run the data stages."""
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(
-                src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-            )
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest / name)
+    copy_project(dest)
     set_params(dest, epochs=epochs, image_size=image_size, cpu_threads=cpu_threads)
-    who = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@localhost"}
-    who |= {"GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@localhost"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        sh(*cmd, cwd=dest, env=who)
+    commit(dest)
     sh("dvc", "repro", "split", cwd=dest, env={"DVC_NO_ANALYTICS": "1"})
     return dest
 
