@@ -28,6 +28,35 @@ def _no_leaked_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one torch thread, above all on a shared, loaded 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def manifest_row(root: Path, path: Path, label: str, mode: str = "L", size: int = 16) -> dict:
+    """The manifest / splits.csv row of a PNG written under `root` (its own group)."""
+    rel_path = path.relative_to(root).as_posix()
+    return {
+        "path": rel_path,
+        "label": label,
+        "group": rel_path,
+        "source_split": "",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "width": size,
+        "height": size,
+        "mode": mode,
+        "format": "PNG",
+        "phash": "",
+        "error": "",
+    }
+
+
 def pattern_image(kind: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
     """A noisy stripe pattern oriented by class: 0 horizontal, 1 vertical, 2 diagonal."""
     yy, xx = np.mgrid[0:size, 0:size]
@@ -54,22 +83,7 @@ def write_pattern_dataset(
         for i in range(per_class):
             path = folder / f"{i:04d}.png"
             Image.fromarray(pattern_image(k, rng)).save(path)
-            rel_path = path.relative_to(root).as_posix()
-            rows.append(
-                {
-                    "path": rel_path,
-                    "label": label,
-                    "group": rel_path,
-                    "source_split": "",
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                    "width": 16,
-                    "height": 16,
-                    "mode": "L",
-                    "format": "PNG",
-                    "phash": "",
-                    "error": "",
-                }
-            )
+            rows.append(manifest_row(root, path, label))
     return pd.DataFrame(rows)
 
 

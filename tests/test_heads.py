@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import with_splits, write_pattern_dataset
+from tests.conftest import manifest_row, with_splits, write_pattern_dataset
 
 from imgcls.config import parse_params
 from imgcls.models.bundle import load_bundle, save_bundle
@@ -33,14 +32,7 @@ from imgcls.training.imbalance import ImbalanceError, SigmoidBCE, label_pos_weig
 from imgcls.training.loop import count_correct, cross_entropy_from_logits
 from imgcls.training.run import load_training_data, train_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(model: dict | None = None, data: dict | None = None, **train) -> object:
@@ -207,22 +199,7 @@ def write_multilabel_dataset(root: Path, per_combo: int = 24, seed: int = 0) -> 
             path = folder / f"{i:03d}.png"
             img = _two_feature_image("bright" in combo, "striped" in combo, rng)
             Image.fromarray(img).save(path)
-            rel = path.relative_to(root).as_posix()
-            rows.append(
-                {
-                    "path": rel,
-                    "label": join_labels(combo),
-                    "group": rel,
-                    "source_split": "",
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                    "width": 16,
-                    "height": 16,
-                    "mode": "L",
-                    "format": "PNG",
-                    "phash": "",
-                    "error": "",
-                }
-            )
+            rows.append(manifest_row(root, path, join_labels(combo)))
     return pd.DataFrame(rows)
 
 
@@ -279,3 +256,25 @@ def test_lr_finder_runs_the_multilabel_loss(tmp_path: Path) -> None:
     # An untrained sigmoid costs ln 2 per term; balanced positive weights (negatives / positives
     # = 0.5 for both labels, each on 2 of 3 images) scale the positive terms: 2/3 * 0.5 + 1/3.
     assert result.losses[0] == pytest.approx((2 / 3 * 0.5 + 1 / 3) * np.log(2), abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("task", "classes"), [("binary", ["no", "yes"]), ("multilabel", list("abc"))]
+)
+def test_binary_and_multilabel_models_export(task: str, classes: list[str], tmp_path: Path) -> None:
+    from imgcls.export import ATOL, export_model, verify_export
+    from imgcls.models.bundle import ImageClassifier
+    from imgcls.models.registry import create_model
+    from imgcls.task import output_units
+
+    units = output_units(task, len(classes))
+    net = create_model("simple_cnn", in_chans=1, num_classes=units, image_size=16, widths=[8, 16])
+    clf = ImageClassifier(net, [0.5], [0.25], task).eval()
+    meta = {"arch": "simple_cnn", "classes": classes, "image_size": 16, "channels": 1}
+    meta |= {"task": task, "thresholds": [0.3] * (1 if task == "binary" else len(classes))}
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    probs = clf(torch.from_numpy(images)).detach().numpy()
+    assert probs.shape == (3, len(classes))
+    for fmt in ("onnx", "torchscript"):
+        path = export_model(clf, meta, fmt, tmp_path / f"m.{fmt}")
+        assert verify_export(clf, path, fmt, images) <= ATOL  # same probabilities, same head

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import runpy
 import sys
@@ -16,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
-from tests.conftest import REPO, with_splits, write_pattern_dataset
+from tests.conftest import REPO, manifest_row, with_splits, write_pattern_dataset
 
 from imgcls.config import ConfigError, parse_params
 from imgcls.data.augment import build_transform
@@ -35,31 +34,7 @@ from imgcls.training.run import load_split_data, train_model
 RARE = "8"  # the digit made rare; often confused with 1, 3 and 9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread, above all on a shared, loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _manifest_row(root: Path, path: Path, label: str) -> dict:
-    """A manifest row for a real PNG file under `root`."""
-    rel = path.relative_to(root).as_posix()
-    return {
-        "path": rel,
-        "label": label,
-        "group": rel,
-        "source_split": "",
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "width": 8,
-        "height": 8,
-        "mode": "L",
-        "format": "PNG",
-        "phash": "",
-        "error": "",
-    }
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +51,7 @@ def digits_20_to_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         path = root / "data/raw/digits" / label / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(path)
-        rows.append(_manifest_row(root, path, label))
+        rows.append(manifest_row(root, path, label, size=8))
     df = with_splits(pd.DataFrame(rows))
     train = df[df["split"] == "train"]
     others = train[train["label"] != RARE]["label"].value_counts()

@@ -14,13 +14,7 @@ from imgcls.models import ModelError, create_model, list_custom_models
 TIMM_SAMPLE = ["resnet18", "mobilenetv3_small_050", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
