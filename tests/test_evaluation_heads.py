@@ -40,12 +40,11 @@ from imgcls.evaluation.gallery import (
 from imgcls.evaluation.metrics import (
     binary_metrics,
     confusion_long_multilabel,
-    label_sets,
     multilabel_metrics,
 )
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
-from imgcls.task import tune_threshold
+from imgcls.task import label_sets, tune_threshold
 from imgcls.training.run import load_split_data
 
 # ----------------------------------------------------------------------------- binary

@@ -47,6 +47,12 @@ def join_labels(labels: Iterable[str]) -> str:
     return LABEL_SEP.join(sorted({str(x) for x in labels if str(x)}))
 
 
+def label_sets(multi_hot: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """(N, K) multi-hot or bool rows -> canonical "a|b" cells ("" for an empty set)."""
+    rows = np.asarray(multi_hot) > 0.5
+    return [join_labels(c for c, on in zip(classes, row, strict=True) if on) for row in rows]
+
+
 def label_classes(labels: Iterable[str], task: Task) -> list[str]:
     """Sorted class names found in a label column (individual labels for multi-label)."""
     if task == "multilabel":
@@ -200,8 +206,5 @@ def decided_labels(
     """
     decisions = decide(task, probs, thresholds)
     if task == "multilabel":
-        return [
-            (join_labels(c for c, on in zip(classes, row, strict=True) if on), None)
-            for row in decisions
-        ]
+        return [(labels, None) for labels in label_sets(decisions, classes)]
     return [(str(classes[k]), float(p[k])) for k, p in zip(decisions, probs, strict=True)]

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from imgcls.evaluation.figures import pyplot, short
-from imgcls.evaluation.metrics import label_sets
+from imgcls.task import label_sets
 
 
 def _mistake_confidence(
@@ -45,11 +45,6 @@ def confident_mistakes(
 def _names(row: np.ndarray, classes: list[str]) -> str:
     """A multi-hot row as its label set ("a|b"), "(none)" when empty."""
     return row_names(np.asarray(row).reshape(1, -1), classes)[0]
-
-
-def _wrong(row: np.ndarray, classes: list[str]) -> list[tuple[int, str]]:
-    """(index, name) of the labels whose decision is wrong in one image."""
-    return [(int(k), classes[k]) for k in np.flatnonzero(row)]
 
 
 def mistakes_table(

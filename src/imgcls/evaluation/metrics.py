@@ -24,7 +24,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from imgcls.task import decide, join_labels
+from imgcls.task import decide
 
 
 def safe_name(label: str) -> str:
@@ -185,12 +185,6 @@ def confusion_long_multilabel(
             "predicted": np.where(pred, yes, no).reshape(n * k),
         }
     )
-
-
-def label_sets(multi_hot: np.ndarray, classes: list[str]) -> list[str]:
-    """(N, K) multi-hot or bool rows -> canonical "a|b" cells ("" for an empty set)."""
-    rows = np.asarray(multi_hot) > 0.5
-    return [join_labels(c for c, on in zip(classes, row, strict=True) if on) for row in rows]
 
 
 def one_vs_rest(y_true: np.ndarray, n_classes: int) -> np.ndarray:

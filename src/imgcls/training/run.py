@@ -61,6 +61,15 @@ class SplitData:
         return self.images[mask], self.labels[mask]
 
 
+def read_splits(splits_csv: Path) -> pd.DataFrame:
+    """splits.csv with string labels; an empty file is an error that says where to look."""
+    frame = read_csv(splits_csv)
+    if frame.empty:
+        raise ImgclsError(f"{splits_csv}: no rows; check the data source and the validate report")
+    frame["label"] = frame["label"].astype(str)
+    return frame
+
+
 def load_split_data(
     splits_csv: Path,
     root: Path,
@@ -76,10 +85,24 @@ def load_split_data(
 
     `classes` fixes the label order (a saved model's); by default the sorted labels found.
     """
-    frame = read_csv(splits_csv)
-    if frame.empty:
-        raise ImgclsError(f"{splits_csv}: no rows; check the data source and the validate report")
-    frame["label"] = frame["label"].astype(str)
+    frame = read_splits(splits_csv)
+    return _split_data(
+        frame, splits_csv, root, image_size, channels, cache_dir, classes, task, progress
+    )
+
+
+def _split_data(
+    frame: pd.DataFrame,
+    splits_csv: Path,
+    root: Path,
+    image_size: int,
+    channels: str | int,
+    cache_dir: Path,
+    classes: list[str] | None,
+    task: Task,
+    progress: bool,
+) -> SplitData:
+    """Decode the rows of splits.csv and encode their labels for `task`."""
     classes = classes or label_classes(frame["label"], task)
     unknown = unknown_labels(frame["label"], classes, task)
     if unknown:
@@ -104,21 +127,14 @@ def load_training_data(
     params: Params, splits_csv: Path, root: Path, cache_dir: Path, *, progress: bool = True
 ) -> SplitData:
     """splits.csv decoded for training: the task from `model.head` / `data.multi_label`."""
-    labels = read_csv(splits_csv)["label"].astype(str)
+    frame = read_splits(splits_csv)
     multi = params.data.multi_label
-    found = label_classes(labels, "multilabel" if multi else "multiclass")
+    found = label_classes(frame["label"], "multilabel" if multi else "multiclass")
     task = resolve_task(params.model.head, multi, found)
     classes = order_classes(found, task, params.model.positive_class)
     cfg = params.train
-    return load_split_data(
-        splits_csv,
-        root,
-        cfg.image_size,
-        cfg.channels,
-        cache_dir,
-        classes=classes,
-        task=task,
-        progress=progress,
+    return _split_data(
+        frame, splits_csv, root, cfg.image_size, cfg.channels, cache_dir, classes, task, progress
     )
 
 

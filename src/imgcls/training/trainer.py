@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
+from imgcls.evaluation.metrics import safe_name  # evaluate's per-class key rule
 from imgcls.task import Task, output_units
 from imgcls.training import checkpoint, distributed
 from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
@@ -206,14 +207,9 @@ def classification_scores(
             labels, pred, labels=label_ids, average=None, zero_division=0
         )
         for name, value in zip(classes, recall, strict=True):
-            key = f"recall_{metric_name(name)}"
-            out[key if key not in out else f"recall_class_{metric_name(name)}"] = float(value)
+            key = f"recall_{safe_name(name)}"
+            out[key if key not in out else f"recall_class_{safe_name(name)}"] = float(value)
     return out
-
-
-def metric_name(label: str) -> str:
-    """A class name usable inside a flat metric key (the same rule as evaluate's per-class keys)."""
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
 
 
 @dataclass
