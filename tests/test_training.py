@@ -248,6 +248,37 @@ def test_ranks_share_the_global_batches() -> None:
     assert not torch.equal(order, epoch_permutation(n, shuffle=True, seed=6, world=2))
 
 
+# Runs in its own interpreter: a hung DataLoader worker must fail this test, not the test run.
+_FORK_AFTER_OPENCV_POOL = """
+import cv2, numpy as np, torch
+from imgcls.config import TransformSpec
+from imgcls.data.augment import build_transform
+from imgcls.training.batches import make_batches
+big = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(3):  # what the train stage's augmentation grid does: OpenCV starts its pool
+    cv2.warpAffine(big, np.float32([[1, 0.1, 3], [0.1, 1, 2]]), (1500, 1500))
+tf = build_transform([TransformSpec(name="Affine", rotate=(-20, 20), p=1.0)], "augment.train")
+x = np.random.default_rng(1).integers(0, 255, (64, 64, 64, 3), dtype=np.uint8)
+batches = make_batches(x, np.zeros(64, np.int64), tf, 16, shuffle=True,
+                       device=torch.device("cpu"), num_workers=2)
+print(sum(len(y) for _, y in batches))
+"""
+
+
+def test_workers_forked_after_opencv_started_its_pool_do_not_hang() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_OPENCV_POOL],
+        capture_output=True,
+        text=True,
+        timeout=120,  # it hung forever when the workers called cv2.setNumThreads themselves
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "64"
+
+
 def test_augmented_batches_do_not_depend_on_workers() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (40, 12, 12, 1), dtype=np.uint8)

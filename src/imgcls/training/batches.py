@@ -151,8 +151,14 @@ def _already_batched(batch: Any) -> Any:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    """Workers already run in parallel: keep OpenCV from starting a thread pool in each."""
+def _single_threaded_opencv() -> None:
+    """One OpenCV thread in this process, and so in the DataLoader workers forked from it.
+
+    The workers already run in parallel, so a thread pool in each would only compete. This must
+    happen in the parent, before the fork: calling `cv2.setNumThreads` in a forked worker hangs
+    forever once the parent has started OpenCV's pool (e.g. by augmenting the augmentation grid),
+    because the child inherits the pool's state but not its threads.
+    """
     import cv2
 
     cv2.setNumThreads(1)
@@ -198,6 +204,8 @@ def make_batches(
             world=world,
             probs=sample_probs,
         )
+    if num_workers > 0:
+        _single_threaded_opencv()  # the parent only collates; the workers augment
     sampler = SeededBatchSampler(
         len(labels), batch_size, shuffle=shuffle, rank=rank, world=world, probs=sample_probs
     )
@@ -209,7 +217,6 @@ def make_batches(
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
         # An explicit generator keeps the DataLoader from drawing on the global torch RNG that
         # dropout uses: a resumed run must see the same dropout masks as an uninterrupted one.
         generator=torch.Generator(),
