@@ -133,6 +133,12 @@ class ValidateConfig(Strict):
     allowed_modes: list[str] = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     near_duplicate_threshold: int = Field(4, ge=-1, le=64)  # pHash Hamming distance; -1 = off
+    # a pHash candidate pair is a near-duplicate only if its 16x16 thumbnails correlate this much
+    near_duplicate_similarity: float = Field(0.997, ge=-1.0, le=1.0)
+    # ... and, for two images of one size, no 4x4 block of the 32x32 thumbnails differs more
+    near_duplicate_max_detail_difference: float = Field(0.15, gt=0.0)
+    # warn when merging duplicates gives one group more than this share of a class
+    max_merged_group_share: float = Field(0.05, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ValidateConfig:

@@ -15,7 +15,12 @@ GX's unexpected values back into example paths:
   sets ("cat|dog") stored in the manifest;
 - ``sha256``: one row per exact-duplicate set (conflicting labels), keyed by ``sha256``;
 - ``near_duplicates``: one row per near-duplicate cluster (conflicting labels), keyed by
-  ``cluster``.
+  ``cluster``;
+- ``merged_groups``: one row per group that merging duplicates changed (classes it gained, its
+  largest share of a class), keyed by ``group``.
+
+Near-duplicates are found by :mod:`imgcls.data.near_duplicates` (pHash candidates verified on
+the pixels, bounded clusters: no chaining), which reads the image files under ``root``.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from imgcls.data.manifest import MANIFEST_COLUMNS
-from imgcls.data.phash import PHASH_RE, near_duplicate_pairs, parse_phashes, same_value_pairs
+from imgcls.data.near_duplicates import NearDuplicates, find_near_duplicates
+from imgcls.data.phash import PHASH_RE, same_value_pairs
 from imgcls.errors import ImgclsError
 from imgcls.task import LABEL_SEP, split_labels
 
@@ -52,7 +59,9 @@ _KEYS = {
     "labels": "path",
     "sha256": "sha256",
     "near_duplicates": "cluster",
+    "merged_groups": "group",
 }
+LARGEST_SHOWN = 10  # largest merged groups listed (and drawn) in the reports
 
 
 class DataContractError(ImgclsError):
@@ -71,6 +80,8 @@ class ValidationResult:
     report: dict[str, Any]  # JSON-able: expectations, quarantine, duplicates, clusters, counts
     markdown: str  # human report (also a GitHub job summary)
     failures: list[dict[str, Any]] = field(default_factory=list)  # failed critical expectations
+    # verified near-duplicate pairs: path, twin, similarity, hamming, same_cluster
+    near_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def summary(self) -> str:
         """Readable failure summary: which expectation, how many rows, up to ten example paths."""
@@ -98,13 +109,18 @@ class ValidationResult:
 
 
 def validate_manifest(
-    manifest: pd.DataFrame, cfg: ValidateConfig, *, multi_label: bool = False
+    manifest: pd.DataFrame,
+    cfg: ValidateConfig,
+    *,
+    multi_label: bool = False,
+    root: Path | str = ".",
 ) -> ValidationResult:
     """Run the data contract on a manifest; never raises for bad data, reports it instead.
 
     `multi_label` (`data.multi_label`): each `label` cell is a set "cat|dog", and the class
     rules (`validate.classes`, `min_classes`, `min_images_per_class`, `max_imbalance_ratio`)
-    count individual labels.
+    count individual labels. `root`: the folder the manifest's paths are relative to (the
+    near-duplicate check reads the images).
     """
     if not isinstance(manifest, pd.DataFrame):
         raise DataContractError(
@@ -112,14 +128,19 @@ def validate_manifest(
             f"imgcls.io.read_csv), got {type(manifest).__name__}"
         )
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    frames = _frames(manifest, cfg, missing, multi_label)
+    frames = _frames(manifest, cfg, missing, multi_label, Path(root))
     checks = _build_checks(cfg, frames, missing)
     outcomes = _run_suite(frames, checks)
     failures = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
     report = _report(manifest, cfg, frames, outcomes)
     valid = frames.valid if not missing else manifest.iloc[0:0].copy()
     result = ValidationResult(
-        ok=not failures, valid=valid, report=report, markdown="", failures=failures
+        ok=not failures,
+        valid=valid,
+        report=report,
+        markdown="",
+        failures=failures,
+        near_pairs=frames.near_pairs,
     )
     result.markdown = render_markdown(report)
     return result
@@ -141,6 +162,9 @@ class _Frames:
     found_labels: list[str]
     multi_label: bool = False
     combinations: dict[str, int] = field(default_factory=dict)  # multi-label: images per set
+    near: NearDuplicates | None = None
+    near_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    merged: list[dict[str, Any]] = field(default_factory=list)  # merged groups, largest first
 
 
 def _nullify(df: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +180,11 @@ def _nullify(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _frames(
-    manifest: pd.DataFrame, cfg: ValidateConfig, missing: list[str], multi_label: bool = False
+    manifest: pd.DataFrame,
+    cfg: ValidateConfig,
+    missing: list[str],
+    multi_label: bool = False,
+    root: Path = Path("."),
 ) -> _Frames:
     """Build every frame the suite needs; with missing columns only the raw manifest."""
     table = _nullify(manifest.reset_index(drop=True))
@@ -170,17 +198,28 @@ def _frames(
     found = sorted(labelled["label"].dropna().unique().tolist())
     counts = _class_counts(labelled, cfg.classes)
     sha_table, duplicates = _exact_duplicates(images)
-    pairs = _near_duplicate_pairs(images["phash"], cfg.near_duplicate_threshold)
-    comp = _components(images, pairs)
-    cluster_table, clusters = _near_duplicate_clusters(images, pairs)
+    near = find_near_duplicates(
+        images["path"].astype(str),
+        images["sha256"],
+        images["phash"],
+        cfg.near_duplicate_threshold,
+        cfg.near_duplicate_similarity,
+        root,
+        sizes=images[["width", "height"]].fillna(-1).to_numpy(dtype=np.int64),
+        max_detail_difference=cfg.near_duplicate_max_detail_difference,
+    )
+    comp = _components(images, near)
+    cluster_table, clusters = _near_duplicate_clusters(images, near)
     valid = manifest.reset_index(drop=True)[decoded].copy()
     valid["group"] = _merged_groups(images, comp)
+    merged_table, merged = _merged_group_table(images, valid["group"].to_numpy(), multi_label)
     tables = {
         "manifest": table,
         "images": images,
         "classes": counts,
         "sha256": sha_table,
         "near_duplicates": cluster_table,
+        "merged_groups": merged_table,
     }
     # example rows per batch: which image rows a key value (class, digest, cluster) stands for
     cluster_rows = _cluster_rows(images, clusters)
@@ -190,6 +229,7 @@ def _frames(
         "classes": labelled.assign(key=labelled["label"]),
         "sha256": images.assign(key=images["sha256"]),
         "near_duplicates": cluster_rows,
+        "merged_groups": images.assign(key=valid["group"].to_numpy()),
     }
     combinations: dict[str, int] = {}
     if multi_label:
@@ -201,7 +241,18 @@ def _frames(
         combinations = {k: int(v) for k, v in order}
     class_counts = dict(zip(counts["label"], counts["images"].astype(int), strict=True))
     return _Frames(
-        tables, rows, valid, duplicates, clusters, class_counts, found, multi_label, combinations
+        tables,
+        rows,
+        valid,
+        duplicates,
+        clusters,
+        class_counts,
+        found,
+        multi_label,
+        combinations,
+        near,
+        near.pair_table(images["path"].astype(str).to_numpy()),
+        merged,
     )
 
 
@@ -259,21 +310,18 @@ def _members(keys: pd.Series, rows: pd.DataFrame) -> dict[Any, dict[str, list[st
     return out
 
 
-def _near_duplicate_pairs(phash: pd.Series, threshold: int) -> np.ndarray:
-    """Near-duplicate pairs as positions into `phash` (rows with malformed hashes skipped)."""
-    hashes, ok = parse_phashes(phash)
-    pos = np.flatnonzero(ok)
-    pairs = near_duplicate_pairs(hashes, threshold)
-    return pos[pairs] if pairs.size else np.empty((0, 2), dtype=np.int64)
+def _components(images: pd.DataFrame, near: NearDuplicates) -> np.ndarray:
+    """Connected components over rows: same original group, same sha256, or one near-dup cluster.
 
-
-def _components(images: pd.DataFrame, near: np.ndarray) -> np.ndarray:
-    """Connected components over rows: same original group, same sha256, or near-duplicate."""
+    A near-duplicate cluster contributes a star from its centre to its members, never the
+    verified pairs themselves: those may chain, the clusters cannot.
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(images)
-    edges = [near.reshape(-1, 2)]
+    member = np.flatnonzero(near.cluster >= 0)
+    edges = [np.stack([near.centre[near.cluster[member]], member], axis=1)]
     for col in ("group", "sha256"):
         codes = pd.factorize(images[col])[0]  # nulls get -1 and link to nothing
         known = np.flatnonzero(codes >= 0)
@@ -292,26 +340,70 @@ def _merged_groups(images: pd.DataFrame, comp: np.ndarray) -> np.ndarray:
     return pd.Series(groups).groupby(comp).transform("min").to_numpy()
 
 
-def _near_duplicate_clusters(
-    images: pd.DataFrame, near: np.ndarray
+def _merged_group_table(
+    images: pd.DataFrame, merged: np.ndarray, multi_label: bool
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Clusters of near-duplicate files (more than one distinct file), for the report and GX."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    """One row per group that merging changed: rows, files, classes gained, largest class share.
 
-    n = len(images)
+    `new_classes` counts the classes a group holds beyond those of its largest original group
+    (a person's group may hold every class; a merge that *adds* one joined different things).
+    """
+    cols = ["group", "rows", "files", "new_classes", "class_share"]
+    original = images["group"].fillna(images["path"]).astype(str).to_numpy()
+    frame = pd.DataFrame(
+        {
+            "group": merged,
+            "original": original,
+            "label": images["label"].astype(str).to_numpy(),
+            "sha256": images["sha256"].astype(str).to_numpy(),
+            "path": images["path"].astype(str).to_numpy(),
+        }
+    )
+    if multi_label:
+        frame["label"] = frame["label"].map(split_labels)
+        frame = frame.explode("label")
+    n_orig = frame.groupby("group")["original"].nunique()
+    changed = n_orig[n_orig > 1].index
+    if not len(changed):
+        empty = {c: pd.Series(dtype=object if c == "group" else float) for c in cols}
+        return pd.DataFrame(empty), []
+    sub = frame[frame["group"].isin(changed)]
+    per_class = frame["label"].value_counts()
+    entries = []
+    for group, rows in sub.groupby("group", sort=False):
+        classes = rows["label"].value_counts()
+        orig_max = rows.groupby("original")["label"].nunique().max()
+        share = (classes / per_class.reindex(classes.index)).max()
+        paths = sorted(rows["path"].unique())
+        entries.append(
+            {
+                "group": str(group),
+                "rows": len(paths),
+                "files": int(rows["sha256"].nunique()),
+                "original_groups": int(rows["original"].nunique()),
+                "classes": {str(k): int(v) for k, v in sorted(classes.items())},
+                "new_classes": int(len(classes) - orig_max),
+                "class_share": round(float(share), 6),
+                "paths": paths[: MAX_EXAMPLES * 2],
+            }
+        )
+    entries.sort(key=lambda e: (-e["rows"], e["group"]))
+    table = pd.DataFrame([{c: e[c] for c in cols} for e in entries])
+    return table, entries
+
+
+def _near_duplicate_clusters(
+    images: pd.DataFrame, near: NearDuplicates
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Near-duplicate clusters (two or more distinct files each), for the report and GX."""
     empty = pd.DataFrame({"cluster": pd.Series(dtype=str), "labels": pd.Series(dtype=int)})
-    if not near.size:
+    member = near.cluster >= 0
+    if not member.any():
         return empty, []
-    graph = coo_matrix((np.ones(len(near), dtype=np.int8), (near[:, 0], near[:, 1])), (n, n))
-    comp = connected_components(graph, directed=False)[1]
-    sizes = np.bincount(comp)
-    multi = sizes[comp] > 1
-    members = images[multi]
-    # byte-identical files only: those are reported as exact duplicates instead
-    distinct = members.groupby(comp[multi])["sha256"].nunique(dropna=False)
-    keep = np.isin(comp[multi], distinct.index[distinct > 1].to_numpy())
-    groups = _members(pd.Series(comp[multi][keep]), members[keep])
+    centre_path = images["path"].astype(str).to_numpy()[near.centre]
+    groups = _members(pd.Series(near.cluster[member]), images[member])
+    for cid, entry in groups.items():
+        entry["centre"] = str(centre_path[cid])
     clusters = sorted(groups.values(), key=lambda c: c["paths"][0])
     for i, c in enumerate(clusters):
         c["cluster"] = f"near-{i + 1:05d}"
@@ -322,7 +414,7 @@ def _near_duplicate_clusters(
             "labels": [len(c["labels"]) for c in clusters],
         }
     )
-    return (table if clusters else empty), clusters
+    return table, clusters
 
 
 def _cluster_rows(images: pd.DataFrame, clusters: list[dict[str, Any]]) -> pd.DataFrame:
@@ -422,12 +514,34 @@ def _build_checks(cfg: ValidateConfig, frames: _Frames, missing: list[str]) -> l
             _Check(
                 "near_duplicates",
                 gxe.ExpectColumnValuesToBeBetween(column="labels", max_value=1, severity="warning"),
-                f"near-duplicates (pHash distance <= {cfg.near_duplicate_threshold}) "
-                "carry the same label",
-                "look at the clusters listed: a mislabelled copy, or lower "
-                "`validate.near_duplicate_threshold`",
+                f"near-duplicates (pHash distance <= {cfg.near_duplicate_threshold}, "
+                f"thumbnail correlation >= {cfg.near_duplicate_similarity:g}) carry the same label",
+                "look at the clusters listed: a mislabelled copy, or raise "
+                "`validate.near_duplicate_similarity`",
             )
         )
+    checks += [
+        _Check(
+            "merged_groups",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="new_classes", max_value=0, severity="warning"
+            ),
+            "merging duplicates adds no class to a group (a merged group that spans classes is "
+            "suspicious: a mislabelled copy, or different images taken for copies)",
+            "look at the groups listed and at reports/validation_groups.png: fix the labels, or "
+            "raise `validate.near_duplicate_similarity` if the images differ",
+        ),
+        _Check(
+            "merged_groups",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="class_share", max_value=cfg.max_merged_group_share, severity="warning"
+            ),
+            f"no merged group holds more than {cfg.max_merged_group_share:.0%} of a class "
+            "(a large merged group moves that share of the class into one split)",
+            "look at the groups listed: true copies are fine (delete spares to rebalance); "
+            "otherwise raise `validate.near_duplicate_similarity` or use finer `data.group` rules",
+        ),
+    ]
     return checks
 
 
@@ -696,6 +810,8 @@ def _key_note(batch: str, key: str) -> str:
         return f", sha256={key[:12]}…"
     if batch == "near_duplicates":
         return f", cluster={key}"
+    if batch == "merged_groups":
+        return f", group={key}"
     return ""
 
 
@@ -723,7 +839,12 @@ def _problem(check: _Check, out: dict[str, Any], keys: list[Any], frames: _Frame
             shown = ", ".join(f"{k} ({frames.class_counts.get(str(k), 0)})" for k in keys)
         else:
             shown = ", ".join(map(str, keys[:MAX_EXAMPLES]))
-        noun = {"classes": "classes", "sha256": "duplicate sets", "near_duplicates": "clusters"}
+        noun = {
+            "classes": "classes",
+            "sha256": "duplicate sets",
+            "near_duplicates": "clusters",
+            "merged_groups": "merged groups",
+        }
         return (
             f"{out['unexpected_count']} of {out['element_count']} {noun[check.batch]} "
             f"({n_rows} rows): {shown}"
@@ -775,6 +896,7 @@ def _report(
     valid_groups = frames.valid["group"].nunique() if len(frames.valid) else 0
     images = frames.tables.get("images")
     dup_rows = sum(len(d["paths"]) for d in frames.duplicates)
+    near = frames.near
     summary = {
         "rows": n,
         "valid": len(frames.valid),
@@ -787,6 +909,13 @@ def _report(
         "conflicting_duplicate_sets": sum(d["conflicting_labels"] for d in frames.duplicates),
         "near_duplicate_clusters": len(frames.clusters),
         "near_duplicate_rows": sum(len(c["paths"]) for c in frames.clusters),
+        "near_duplicate_candidates": near.candidates if near else 0,
+        "near_duplicate_verified_pairs": len(near.pairs) if near else 0,
+        "near_duplicate_unverifiable_pairs": near.unverifiable if near else 0,
+        "near_duplicate_pairs_across_clusters": near.cut if near else 0,
+        "merged_groups": len(frames.merged),
+        "merged_group_rows": sum(m["rows"] for m in frames.merged),
+        "largest_merged_group": frames.merged[0]["rows"] if frames.merged else 0,
         "groups_before": int(images["group"].nunique()) if images is not None else 0,
         "groups_after": int(valid_groups),
         "expectations": len(outcomes),
@@ -812,6 +941,7 @@ def _report(
         "quarantine": quarantine[:MAX_LISTED],
         "duplicates": frames.duplicates[:MAX_LISTED],
         "near_duplicates": frames.clusters[:MAX_LISTED],
+        "largest_merged_groups": frames.merged[:LARGEST_SHOWN],
         "truncated": {
             "quarantine": max(0, len(quarantine) - MAX_LISTED),
             "duplicates": max(0, len(frames.duplicates) - MAX_LISTED),
@@ -844,8 +974,11 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
-    """The human report: verdict, counts, expectations, classes, quarantine and duplicates."""
+def render_markdown(report: dict[str, Any], max_rows: int = 50, figure: str | None = None) -> str:
+    """The human report: verdict, counts, expectations, classes, quarantine and duplicates.
+
+    `figure`: file name (beside the report) of the thumbnail strips of the largest merged groups.
+    """
     s = report["summary"]
     verdict = "PASSED" if report["success"] else "FAILED"
     multi = bool(report["labels"].get("multi_label"))
@@ -914,6 +1047,7 @@ def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
         ],
         max_rows,
     )
+    lines += _merged_section(report, figure)
     lines += _listing(
         "Near-duplicate clusters (same group, never split apart)",
         s["near_duplicate_clusters"],
@@ -925,6 +1059,53 @@ def render_markdown(report: dict[str, Any], max_rows: int = 50) -> str:
         max_rows,
     )
     return "\n".join(lines) + "\n"
+
+
+def _merged_section(report: dict[str, Any], figure: str | None) -> list[str]:
+    """Largest merged groups: size, classes, share of a class, and the thumbnail strips."""
+    s = report["summary"]
+    merged = report.get("largest_merged_groups") or []
+    if not merged:
+        return []
+    lines = [
+        "",
+        f"## Largest merged groups ({s['merged_groups']} groups, {s['merged_group_rows']} rows)",
+        "",
+        "Groups that exact or near-duplicate files joined together; each stays in one split. "
+        f"{s['near_duplicate_verified_pairs']} of {s['near_duplicate_candidates']} pHash "
+        "candidate pairs were verified on the pixels"
+        + (
+            f"; {s['near_duplicate_pairs_across_clusters']} verified pairs lie in different "
+            "groups (clusters have a bounded radius, so chains are cut)."
+            if s["near_duplicate_pairs_across_clusters"]
+            else "."
+        ),
+        "",
+        "| # | group | rows | classes | largest share of a class | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, m in enumerate(merged, 1):
+        classes = ", ".join(f"{k} ({v})" for k, v in m["classes"].items())
+        note = "**spans classes: suspicious**" if m["new_classes"] > 0 else ""
+        lines.append(
+            f"| {i} | {_cell(m['group'])} | {m['rows']} | {_cell(classes)} | "
+            f"{m['class_share']:.2%} | {note} |"
+        )
+    if figure:
+        lines += ["", f"![thumbnails of the largest merged groups, one row each]({figure})"]
+    return lines
+
+
+def merged_group_strips(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(caption, paths) per largest merged group, for the thumbnail sheet."""
+    return [
+        (
+            f"#{i} {m['group']}: {m['rows']} rows, "
+            + ", ".join(f"{k} {v}" for k, v in m["classes"].items()),
+            m["paths"],
+        )
+        for i, m in enumerate(report.get("largest_merged_groups") or [], 1)
+    ]
 
 
 def _observed(o: dict[str, Any]) -> str:

@@ -1,0 +1,382 @@
+"""Near-duplicate clusters that cannot chain: pHash candidates, verified on pixels, bounded radius.
+
+Three steps (rationale and measured quality in docs/split.md and bench/RESULTS.md):
+
+1. **Candidates.** Files are collapsed to one representative per sha256 (byte-identical copies are
+   exact duplicates, grouped elsewhere); pairs of representatives whose 64-bit pHashes are within
+   `threshold` bits are candidates (:mod:`imgcls.data.phash`, multi-index hashing).
+2. **Verification.** pHash collides for different objects on tiny or low-texture images (28-px
+   glyphs, flat backgrounds), so each candidate pair is checked on the images themselves: both
+   are reduced to a 16x16 grayscale thumbnail (antialiased bilinear), normalised to zero mean
+   and unit variance (so brightness and contrast changes do not matter), and their Pearson
+   correlation must reach `min_similarity`. Re-encoded and resized copies score above 0.997;
+   different garments of one silhouette mostly below. Images of one size must also agree in
+   detail: on 32x32 normalised thumbnails, no 4x4-pixel block may differ by more than
+   `max_detail_difference` on average (a different print on the same shirt fails here, a JPEG
+   re-encode does not). Resized copies skip this gate: resampling blurs detail by itself.
+3. **Bounded clusters.** Verified pairs are *not* closed transitively (that chained 11,147
+   Fashion-MNIST images into one group). Each cluster has a centre, and every member is a
+   verified near-duplicate *of the centre*: centres are picked greedily, most verified
+   neighbours first. The correlation distance sqrt(2 (1 - r)) is a metric, so two members of a
+   cluster are at most twice the radius apart. A verified pair whose files end up in different
+   clusters is kept in :attr:`NearDuplicates.pairs`, so the split can still keep it out of
+   train when one side is a delivered test image.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageOps
+
+from imgcls.data.imageinfo import IMAGE_FORMATS
+from imgcls.data.phash import close_hash_pairs, parse_phashes
+from imgcls.io import atomic_path
+
+log = logging.getLogger("imgcls.near_duplicates")
+
+THUMB = 16  # thumbnail side for verification: detail enough for 28-px glyphs, blind to noise
+DETAIL = 32  # side of the detail thumbnail (same-size pairs)
+BLOCK = 4  # detail block side: 8 x 8 blocks of 4 x 4 pixels
+DEFAULT_MIN_SIMILARITY = 0.997  # measured: bench/bench_near_duplicates.py, bench/RESULTS.md
+DEFAULT_MAX_DETAIL_DIFFERENCE = 0.15  # same; in standard deviations of the image
+FLAT_STD = 1.0  # gray levels: a thumbnail this flat has no structure to correlate
+FLAT_MEAN_TOLERANCE = 8.0  # gray levels: two flat images are duplicates if this close
+BUCKET_ALL_PAIRS = 64  # identical-hash buckets up to this size are compared pairwise
+PARALLEL_MIN = 4000  # thumbnails to load before worker processes pay off
+MAX_THUMB_PIXELS = 200_000_000  # never decode more than this for a thumbnail (bombs)
+
+
+@dataclass
+class NearDuplicates:
+    """Verified near-duplicate pairs and the bounded clusters built from them (row positions)."""
+
+    pairs: np.ndarray  # (P, 2) verified pairs of row positions, i < j
+    similarity: np.ndarray  # (P,) thumbnail correlation of each verified pair
+    detail: np.ndarray  # (P,) largest block difference (NaN: sizes differ, not checked)
+    hamming: np.ndarray  # (P,) pHash distance of each verified pair
+    cluster: np.ndarray  # (n,) cluster id per row, -1 = in no cluster (copies of a rep included)
+    centre: np.ndarray  # (clusters,) row position of each cluster's centre
+    candidates: int  # candidate pairs the pHash index proposed
+    unverifiable: int  # candidate pairs whose images could not be read (left unmerged)
+
+    @property
+    def cut(self) -> int:
+        """Verified pairs whose rows are not in one cluster (the radius bound cut the chain)."""
+        if not len(self.pairs):
+            return 0
+        a, b = self.cluster[self.pairs[:, 0]], self.cluster[self.pairs[:, 1]]
+        return int(((a != b) | (a < 0)).sum())
+
+    def pair_table(self, paths: np.ndarray) -> pd.DataFrame:
+        """Verified pairs as `path,twin,similarity,detail,hamming,same_cluster` rows, sorted."""
+        a, b = paths[self.pairs[:, 0]], paths[self.pairs[:, 1]]
+        first = np.where(a <= b, a, b) if len(a) else a
+        second = np.where(a <= b, b, a) if len(a) else b
+        same = self.cluster[self.pairs[:, 0]] == self.cluster[self.pairs[:, 1]]
+        table = pd.DataFrame(
+            {
+                "path": first.astype(str),
+                "twin": second.astype(str),
+                "similarity": np.round(self.similarity, 5),
+                "detail": np.round(self.detail, 4),
+                "hamming": self.hamming.astype(int),
+                "same_cluster": same & (self.cluster[self.pairs[:, 0]] >= 0),
+            }
+        )
+        return table.sort_values(["path", "twin"]).reset_index(drop=True)
+
+
+def empty_result(n: int) -> NearDuplicates:
+    """No pairs, no clusters (search off, or nothing to compare)."""
+    return NearDuplicates(
+        np.empty((0, 2), dtype=np.int64),
+        np.empty(0),
+        np.empty(0),
+        np.empty(0, dtype=np.int64),
+        np.full(n, -1, dtype=np.int64),
+        np.empty(0, dtype=np.int64),
+        0,
+        0,
+    )
+
+
+def find_near_duplicates(
+    paths: pd.Series,
+    sha256: pd.Series,
+    phash: pd.Series,
+    threshold: int,
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    root: Path | str = ".",
+    sizes: np.ndarray | None = None,
+    max_detail_difference: float = DEFAULT_MAX_DETAIL_DIFFERENCE,
+    workers: int = 0,
+) -> NearDuplicates:
+    """Candidate pairs by pHash, verified on thumbnails, clustered around centres (module doc).
+
+    `sizes`: (n, 2) width, height per row; pairs of one size also pass the detail gate.
+    """
+    n = len(paths)
+    if threshold < 0 or n < 2:
+        return empty_result(n)
+    hashes, ok = parse_phashes(phash.reset_index(drop=True))
+    pos = np.flatnonzero(ok)
+    # one representative per file content: copies with the same bytes follow it
+    sha = pd.Series(sha256.to_numpy()[pos]).fillna("").astype(str)
+    sha = sha.mask(sha == "", pd.Series(pos.astype(str)))  # no digest: its own content
+    codes = pd.factorize(sha)[0]
+    first = pd.Series(np.arange(len(codes))).groupby(codes).min().to_numpy()
+    rep_pos, rep_hash = pos[first], hashes[first]
+    cand = candidate_pairs(rep_hash, threshold)
+    result = empty_result(n)
+    result.candidates = len(cand)
+    if not len(cand):
+        return result
+    rows = rep_pos[cand]  # (C, 2) row positions
+    involved = np.unique(rows)
+    coarse, fine, good = load_thumbnails([str(paths.iloc[i]) for i in involved], root, workers)
+    slot = np.full(n, -1, dtype=np.int64)
+    slot[involved] = np.arange(len(involved))
+    sa, sb = slot[rows[:, 0]], slot[rows[:, 1]]
+    readable = good[sa] & good[sb]
+    result.unverifiable = int((~readable).sum())
+    sim = np.full(len(rows), -1.0)
+    sim[readable] = similarity(coarse[sa[readable]], coarse[sb[readable]])
+    detail = np.full(len(rows), np.nan)
+    if sizes is not None:  # only pairs that passed the first gate: few, and the costly check
+        same = (sim >= min_similarity) & (sizes[rows[:, 0]] == sizes[rows[:, 1]]).all(axis=1)
+        detail[same] = detail_difference(fine[sa[same]], fine[sb[same]])
+    keep = (sim >= min_similarity) & ~(detail > max_detail_difference)
+    result.pairs = np.sort(rows[keep], axis=1)
+    result.similarity = sim[keep]
+    result.detail = detail[keep]
+    result.hamming = np.bitwise_count(rep_hash[cand[keep, 0]] ^ rep_hash[cand[keep, 1]])
+    rep_cluster, centres = centre_clusters(len(first), cand[keep], sim[keep])
+    # every row takes its representative's cluster
+    result.cluster = np.full(n, -1, dtype=np.int64)
+    result.cluster[pos] = rep_cluster[codes]
+    result.centre = rep_pos[centres]
+    return result
+
+
+def candidate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """Index pairs (i < j) of hashes within `threshold` bits, every pair listed.
+
+    Rows sharing one hash are compared pairwise up to BUCKET_ALL_PAIRS rows per hash; a larger
+    bucket (a flood of blank images) is linked as a star to its first row, which bounds the work.
+    """
+    if threshold < 0 or hashes.size < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(uniq))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = [_within_buckets(order, starts, counts)]
+    if threshold > 0 and uniq.size > 1:
+        upairs = close_hash_pairs(uniq, threshold)
+        out.append(_across_buckets(order, starts, counts, upairs))
+    pairs = np.sort(np.concatenate(out), axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def _within_buckets(order: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pairs inside each identical-hash bucket: all pairs, or a star for huge buckets."""
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for b in np.flatnonzero(counts > 1):
+        members = order[starts[b] : starts[b] + counts[b]]
+        if len(members) <= BUCKET_ALL_PAIRS:
+            i, j = np.triu_indices(len(members), k=1)
+            found.append(np.stack([members[i], members[j]], axis=1))
+        else:
+            found.append(np.stack([np.full(len(members) - 1, members[0]), members[1:]], axis=1))
+    return np.concatenate(found)
+
+
+def _across_buckets(
+    order: np.ndarray, starts: np.ndarray, counts: np.ndarray, upairs: np.ndarray
+) -> np.ndarray:
+    """Expand pairs of close distinct hashes to their rows (first rows only for huge buckets)."""
+    if not len(upairs):
+        return np.empty((0, 2), dtype=np.int64)
+    cu = np.minimum(counts[upairs[:, 0]], BUCKET_ALL_PAIRS)
+    cv = np.minimum(counts[upairs[:, 1]], BUCKET_ALL_PAIRS)
+    size = cu * cv
+    pair_id = np.repeat(np.arange(len(upairs)), size)
+    local = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)
+    ia, ib = local // cv[pair_id], local % cv[pair_id]
+    a = order[starts[upairs[pair_id, 0]] + ia]
+    b = order[starts[upairs[pair_id, 1]] + ib]
+    return np.stack([a, b], axis=1)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def thumbnails(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Grayscale 16x16 and 32x32 float32 thumbnails of an image file (whitelisted formats)."""
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
+        if im.width * im.height > MAX_THUMB_PIXELS:
+            raise ValueError(f"too large: {im.width}x{im.height}")
+        im.draft("L", (DETAIL * 2, DETAIL * 2))  # JPEG: decode at a fraction of the size, fast
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            im = Image.fromarray(arr.astype(np.uint8), mode="L")
+        elif im.mode != "L":
+            im = im.convert("RGBA").convert("L") if im.mode in ("P", "PA") else im.convert("L")
+        # antialiased bilinear: area-weighted, so both sizes see every source pixel
+        small = im.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+        large = im.resize((DETAIL, DETAIL), Image.Resampling.BILINEAR)
+        return (
+            np.asarray(small, dtype=np.float32).ravel(),
+            np.asarray(large, dtype=np.float32).ravel(),
+        )
+
+
+def _thumbnails_chunk(args: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thumbnails of a list of paths under root; unreadable files get ok=False (never raises)."""
+    paths, root = args
+    coarse = np.zeros((len(paths), THUMB * THUMB), dtype=np.float32)
+    fine = np.zeros((len(paths), DETAIL * DETAIL), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    Image.MAX_IMAGE_PIXELS = MAX_THUMB_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for i, p in enumerate(paths):
+            try:
+                coarse[i], fine[i] = thumbnails(Path(root) / p)
+                ok[i] = True
+            except Exception as err:  # a bad file only loses its pairs; ingest reports it
+                log.debug("no thumbnail for %s: %s", p, err)
+    return coarse, fine, ok
+
+
+def load_thumbnails(
+    paths: list[str], root: Path | str = ".", workers: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 256) and (N, 1024) thumbnails and a readable mask; several processes for many."""
+    n_proc = workers or (os.cpu_count() or 1)
+    if len(paths) < PARALLEL_MIN or n_proc <= 1:
+        return _thumbnails_chunk((paths, str(root)))
+    size = -(-len(paths) // (n_proc * 4))
+    chunks = [(paths[i : i + size], str(root)) for i in range(0, len(paths), size)]
+    with ProcessPoolExecutor(n_proc) as pool:
+        parts = list(pool.map(_thumbnails_chunk, chunks))
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of thumbnail pairs (rows); flat images match flat images of one tone."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    ma, mb = a.mean(axis=1, keepdims=True), b.mean(axis=1, keepdims=True)
+    sa, sb = a.std(axis=1), b.std(axis=1)
+    flat_a, flat_b = sa < FLAT_STD, sb < FLAT_STD
+    za = (a - ma) / np.maximum(sa, 1e-9)[:, None]
+    zb = (b - mb) / np.maximum(sb, 1e-9)[:, None]
+    r = (za * zb).mean(axis=1)
+    # No structure to correlate: two flat images are copies when of one tone, else distinct.
+    tone = np.abs(ma - mb).ravel() <= FLAT_MEAN_TOLERANCE
+    r = np.where(flat_a & flat_b, np.where(tone, 1.0, 0.0), r)
+    return np.where(flat_a ^ flat_b, 0.0, r)
+
+
+def detail_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest mean |difference| over 4x4 blocks of normalised 32x32 thumbnails, per pair."""
+    za, zb = _normalise(a), _normalise(b)
+    grid = DETAIL // BLOCK
+    diff = np.abs(za - zb).reshape(len(a), grid, BLOCK, grid, BLOCK).mean(axis=(2, 4))
+    return diff.reshape(len(a), -1).max(axis=1)
+
+
+def _normalise(t: np.ndarray) -> np.ndarray:
+    """Rows to zero mean, unit variance (flat rows stay zero)."""
+    t = t.astype(np.float64)
+    t = t - t.mean(axis=1, keepdims=True)
+    return t / np.maximum(t.std(axis=1, keepdims=True), FLAT_STD)
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+def centre_clusters(n: int, pairs: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster id per node (-1 = none) and each cluster's centre; members all verified to it.
+
+    Greedy: the node with the most verified neighbours not yet placed becomes a centre and takes
+    those neighbours; ties go to the larger summed similarity, then the lower index. Nothing is
+    joined through a member, so no chain can form.
+    """
+    cluster = np.full(n, -1, dtype=np.int64)
+    if not len(pairs):
+        return cluster, np.empty(0, dtype=np.int64)
+    a = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    b = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    indptr = np.searchsorted(a, np.arange(n + 1))
+    weight = np.bincount(pairs.ravel(), weights=np.repeat(sim, 2), minlength=n)
+    # lazy max-heap on (free neighbours, summed similarity): counts only fall, so a popped
+    # entry whose count is stale is pushed back with its current count
+    heap = [(-int(indptr[v + 1] - indptr[v]), -float(weight[v]), int(v)) for v in np.unique(a)]
+    heapq.heapify(heap)
+    centres: list[int] = []
+    while heap:
+        neg_deg, neg_w, c = heapq.heappop(heap)
+        if cluster[c] >= 0:
+            continue
+        nbrs = b[indptr[c] : indptr[c + 1]]
+        free = nbrs[cluster[nbrs] < 0]
+        if not len(free):
+            continue
+        if len(free) < -neg_deg:
+            heapq.heappush(heap, (-len(free), neg_w, c))
+            continue
+        cluster[c] = cluster[free] = len(centres)
+        centres.append(c)
+    return cluster, np.asarray(centres, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def contact_sheet(
+    rows: list[tuple[str, list[str]]],
+    out: Path,
+    root: Path | str = ".",
+    side: int = 48,
+    per_row: int = 12,
+) -> bool:
+    """Write a PNG with one captioned strip of thumbnails per row; False if nothing to show."""
+    if not rows:
+        return False
+    caption_h = 14
+    width = per_row * (side + 2) + 2
+    height = len(rows) * (side + caption_h + 4) + 2
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 2
+    for caption, paths in rows:
+        draw.text((2, y), caption[: width // 6], fill="black")
+        y += caption_h
+        for k, p in enumerate(paths[:per_row]):
+            try:
+                with Image.open(Path(root) / p, formats=IMAGE_FORMATS) as im:
+                    im.draft("RGB", (side, side))
+                    tile = ImageOps.pad(im.convert("RGB"), (side, side), color="white")
+            except Exception:  # a file gone since validation: leave its tile grey
+                tile = Image.new("RGB", (side, side), "lightgray")
+            sheet.paste(tile, (2 + k * (side + 2), y))
+        y += side + 4
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return True
