@@ -16,18 +16,20 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from imgcls.config import ConfigError, SplitConfig, parse_params
 from imgcls.data.split import (
+    EXCLUDED_ATTR,
     SPLITS,
     WARNINGS_ATTR,
     SplitError,
     _water_fill,
     assign_splits,
-    near_duplicate_pairs,
+    render_split_markdown,
     split_report,
 )
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
 
 CFG = SplitConfig()
+NO_PAIRS = pd.DataFrame({"path": [], "twin": [], "similarity": []})  # checked, none verified
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # A group is a list of (label, n_images, arrived_as_test) parts; mixed-label groups are like one
@@ -87,8 +89,11 @@ def test_every_row_once_and_no_group_in_two_splits(groups, seed, respect):
             assign_splits(df, cfg, seed=seed)
         return
     out = assign_splits(df, cfg, seed=seed)
-    assert len(out) == len(df)
-    assert out["path"].tolist() == df["path"].tolist()  # order and rows preserved
+    excluded = out.attrs[EXCLUDED_ATTR]
+    # every row is either in exactly one split or excluded (named with a test twin), never both
+    assert sorted([*out["path"], *excluded["path"]]) == sorted(df["path"])
+    kept = df[~df["path"].isin(excluded["path"])]
+    assert out["path"].tolist() == kept["path"].tolist()  # order preserved
     assert out["split"].isin(SPLITS).all()
     assert (out.groupby("group")["split"].nunique() == 1).all()
     for s in SPLITS:  # every split with a positive fraction is non-empty
@@ -131,25 +136,33 @@ def test_stable_under_append(old_groups, new_groups, seed, respect):
     extra["source_split"] = ""
     grown = pd.concat([old, extra, frame(new_groups, prefix="n")], ignore_index=True)
     second = assign_splits(grown, cfg, seed=seed + 1, previous=first)  # even with a new seed
-    kept = second.iloc[: len(old)]
-    assert kept["split"].tolist() == first["split"].tolist()
+    again = by_path(second)
+    assert all(again[p] == s for p, s in by_path(first).items())
+    # rows excluded as test leaks stay excluded; new rows join their group's split or are too
+    assert set(first.attrs[EXCLUDED_ATTR]["path"]) <= set(second.attrs[EXCLUDED_ATTR]["path"])
     assert (second.groupby("group")["split"].nunique() == 1).all()
 
 
 @FAST
 @given(structure, st.integers(0, 3))
 def test_respects_source_test_split(groups, seed):
-    """source_split=test rows stay in test; other rows reach test only with such a group."""
+    """The test split is exactly the delivered test rows; their group mates are excluded."""
     assume(not impossible(groups, True))
     df = frame(groups)
     out = assign_splits(df, SplitConfig(respect_source_split=True), seed=seed)
-    is_src = out["source_split"] == "test"
+    excluded = out.attrs[EXCLUDED_ATTR]
+    is_src = df["source_split"] == "test"
     if not is_src.any():
-        return  # no source test set: a plain three-way split (checked elsewhere)
-    assert (out.loc[is_src, "split"] == "test").all()
-    src_groups = set(out.loc[is_src, "group"])
-    in_test = out["split"] == "test"
-    assert set(out.loc[in_test, "group"]) == src_groups
+        assert excluded.empty  # no source test set: a plain three-way split
+        return
+    assert sorted(out.loc[out["split"] == "test", "path"]) == sorted(df.loc[is_src, "path"])
+    test_groups = set(df.loc[is_src, "group"])
+    mates = df[~is_src & df["group"].isin(test_groups)]
+    assert sorted(excluded["path"]) == sorted(mates["path"])
+    twin_group = df.set_index("path")["group"].reindex(excluded["twin"]).to_numpy()
+    mate_group = df.set_index("path")["group"].reindex(excluded["path"]).to_numpy()
+    assert (twin_group == mate_group).all()  # each names a delivered test row of its group
+    assert set(df.set_index("path").loc[excluded["twin"], "source_split"]) <= {"test"}
 
 
 @FAST
@@ -368,7 +381,7 @@ def test_report_is_json_and_consistent(tmp_path: Path):
     """Counts add up, shares match targets, leakage checks pass, and it writes as JSON."""
     df = small_group_data(0)
     out = assign_splits(df, CFG, seed=0)
-    report = split_report(out, CFG)
+    report = split_report(out, CFG, NO_PAIRS)
     write_json(tmp_path / "split.json", report)
     again = json.loads((tmp_path / "split.json").read_text())
     assert again["rows"] == len(df)
@@ -394,55 +407,77 @@ def test_report_with_source_test_fixes_the_test_share():
 
 
 def test_report_flags_leaks_in_a_hand_made_split():
-    """Shared group, shared sha256 and a 3-bit pHash neighbour across splits are all caught."""
+    """Shared group, shared sha256 and a verified near-duplicate pair across splits are caught."""
     df = singletons({"a": 6}).assign(split=["train", "train", "val", "val", "test", "test"])
-    df["phash"] = ["0" * 16, "f" * 16, "0" * 15 + "7", "ff" * 7 + "00", "1234" * 4, "4321" * 4]
     df.loc[1, "group"] = df.loc[2, "group"]  # a group in train and val
     df.loc[5, "sha256"] = df.loc[3, "sha256"]  # the same bytes in val and test
-    leak = split_report(df, CFG)["leakage"]
+    p = df["path"]
+    near = pd.DataFrame(
+        {"path": [p[0], p[0]], "twin": [p[1], p[4]], "similarity": [0.999, 0.998]}
+    )  # p0-p1 both in train (fine), p0-p4 train vs test (a leak)
+    leak = split_report(df, CFG, near)["leakage"]
     assert leak["no_shared_group"] is False and leak["shared_groups"] == 1
     assert leak["no_shared_sha256"] is False and leak["shared_sha256"] == 1
     assert leak["no_near_duplicate"] is False
-    assert leak["near_duplicate_pairs"] == 1  # 0000 vs 0007 (3 bits); ff..00 vs ff..ff is 8
-    assert leak["examples"]["near_duplicates"][0][2] == 3
-    assert split_report(df, CFG, near_duplicate_threshold=2)["leakage"]["no_near_duplicate"]
-    assert (
-        split_report(df, CFG, near_duplicate_threshold=-1)["leakage"]["no_near_duplicate"] is None
-    )
+    assert leak["near_duplicate_pairs"] == 1
+    assert leak["examples"]["near_duplicates"] == [[p[0], p[4], 0.998]]
+    assert split_report(df, CFG, near.head(1))["leakage"]["no_near_duplicate"] is True
+    assert split_report(df, CFG)["leakage"]["no_near_duplicate"] is None  # not checked
 
 
-@FAST
-@given(
-    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2)), min_size=2, max_size=60),
-    st.integers(0, 12),
-    st.randoms(use_true_random=False),
-)
-def test_near_duplicate_index_matches_brute_force(items, threshold, rnd):
-    """The band index reports only real cross-split pairs, and finds one whenever one exists."""
-    # Plant near neighbours: copy some hashes with a few flipped bits into other splits.
-    for h, s in list(items[:10]):
-        flips = sum(1 << rnd.randrange(64) for _ in range(rnd.randrange(6)))
-        items.append((h ^ flips, (s + 1) % 3))
-    df = pd.DataFrame(
+def test_delivered_test_set_is_never_grown_and_leaks_are_excluded_with_twins():
+    """Test = the delivered test rows; duplicates of them in train are named, not moved."""
+    groups = [[("a", 1, i < 10)] for i in range(60)] + [[("b", 1, i < 10)] for i in range(60)]
+    df = frame(groups)
+    train_rows = df.index[df["source_split"] == ""]
+    tests = df.index[df["source_split"] == "test"]
+    df.loc[train_rows[0], "sha256"] = df.loc[tests[0], "sha256"]  # byte copy of a test image
+    df.loc[train_rows[1], "group"] = df.loc[tests[1], "group"]  # same person as a test image
+    df.loc[train_rows[4], "group"] = df.loc[train_rows[3], "group"]  # a cluster, as validate makes
+    near = pd.DataFrame(  # a verified near-duplicate in another group (a cut chain)
         {
-            "path": [f"p{i}" for i in range(len(items))],
-            "phash": [f"{h:016x}" for h, _ in items],
-            "split": [SPLITS[s] for _, s in items],
+            "path": [df.loc[train_rows[2], "path"], df.loc[train_rows[3], "path"]],
+            "twin": [df.loc[tests[2], "path"], df.loc[train_rows[4], "path"]],
+            "similarity": [0.9991, 0.9999],
         }
     )
-    found = {frozenset((a, b)) for a, b, _ in near_duplicate_pairs(df, threshold)}
-    uniq = df.drop_duplicates(["phash", "split"]).reset_index(drop=True)
-    rows = list(zip(uniq["path"], [int(x, 16) for x in uniq["phash"]], uniq["split"], strict=True))
-    expected = {  # plain all-pairs reference
-        frozenset((pa, pb))
-        for i, (pa, ha, sa) in enumerate(rows)
-        for pb, hb, sb in rows[i + 1 :]
-        if sa != sb and bin(ha ^ hb).count("1") <= threshold
-    }
-    # Identical hashes are linked as a star (one pair per member), so `found` may list fewer
-    # pairs than all-pairs; every one is real, and leakage is found whenever it exists.
-    assert found <= expected
-    assert bool(found) == bool(expected)
+    out = assign_splits(df, CFG, seed=0, near_pairs=near)
+    assert sorted(out.loc[out["split"] == "test", "path"]) == sorted(df.loc[tests, "path"])
+    ex = out.attrs[EXCLUDED_ATTR].set_index("path")
+    assert len(ex) == 3
+    assert ex.loc[df.loc[train_rows[0], "path"], "reason"].startswith("exact duplicate")
+    assert ex.loc[df.loc[train_rows[1], "path"], "reason"].startswith("same group")
+    row = ex.loc[df.loc[train_rows[2], "path"]]
+    assert row["reason"].startswith("verified near-duplicate")
+    assert row["twin"] == df.loc[tests[2], "path"] and row["similarity"] == 0.9991
+    # a near-duplicate pair with no test side is no leak: both rows are kept
+    assert {df.loc[train_rows[3], "path"], df.loc[train_rows[4], "path"]} <= set(out["path"])
+    report = split_report(out, CFG, near)
+    assert report["excluded"]["rows"] == 3
+    assert report["splits"]["test"]["rows"] == 20
+    assert report["leakage"]["no_near_duplicate"] is True
+    md = render_split_markdown(report)
+    assert "Kept out of train and val (3 rows)" in md and df.loc[tests[2], "path"] in md
+
+
+def test_changed_group_rule_resplits_with_a_warning_instead_of_failing(caplog):
+    """stable: true with a new data.group rule: a fresh split, no error, no straddling group."""
+    hands = [f"h{h:02d}" for h in range(12)]
+    rows = [
+        {"path": f"{lab}/{h}-{i}.png", "label": lab, "hand": h}
+        for h in hands
+        for lab in ("rock", "paper", "scissors")
+        for i in range(3)
+    ]
+    df = pd.DataFrame(rows)
+    df["sha256"] = [hashlib.sha256(p.encode()).hexdigest() for p in df["path"]]
+    before = assign_splits(df.assign(group=df["path"]), CFG, seed=0)  # group.by: none
+    regrouped = df.assign(group=df["hand"])  # then group.by: regex on the hand id
+    with caplog.at_level(logging.WARNING, logger="imgcls.split"):
+        after = assign_splits(regrouped, CFG, seed=0, previous=before)
+    assert "the grouping changed for 100% of the rows" in caplog.text
+    assert (after.groupby("group")["split"].nunique() == 1).all()
+    assert set(after["split"]) == set(SPLITS)
 
 
 def test_split_params_are_checked():

@@ -293,6 +293,8 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def detail_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Largest mean |difference| over 4x4 blocks of normalised 32x32 thumbnails, per pair."""
+    if not len(a):
+        return np.empty(0)
     za, zb = _normalise(a), _normalise(b)
     grid = DETAIL // BLOCK
     diff = np.abs(za - zb).reshape(len(a), grid, BLOCK, grid, BLOCK).mean(axis=(2, 4))
@@ -360,7 +362,8 @@ def contact_sheet(
     if not rows:
         return False
     caption_h = 14
-    width = per_row * (side + 2) + 2
+    widest = max(1, min(per_row, max(len(paths) for _, paths in rows)))
+    width = max(widest * (side + 2) + 2, 320)  # room for a caption
     height = len(rows) * (side + caption_h + 4) + 2
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)

@@ -1,8 +1,7 @@
-"""Perceptual-hash search: every pair of 64-bit pHashes within a Hamming distance, fast.
+"""Perceptual-hash search: every pair of distinct 64-bit pHashes within a Hamming distance, fast.
 
-Shared by validate (which merges near-duplicates into one group) and split (which checks that
-no near-duplicate pair straddles two splits). Exact-match buckets over bands of the hash
-(multi-index hashing) keep 70,000 hashes well under a second; no O(n^2) Python loops.
+The candidate stage of :mod:`imgcls.data.near_duplicates`. Exact-match buckets over interleaved
+bands of the hash (multi-index hashing) keep 70,000 hashes near a second; no O(n^2) Python loops.
 """
 
 from __future__ import annotations
@@ -23,25 +22,6 @@ def parse_phashes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return hashes, ok
 
 
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
-    """Pairs (i < j) within `threshold` bits, shape (P, 2), spanning every near-duplicate link.
-
-    Distinct close hashes give one pair between representatives; rows sharing one hash are
-    linked as a star to its first row (enough for connected components and leakage checks).
-    """
-    if threshold < 0 or hashes.size < 2:
-        return np.empty((0, 2), dtype=np.int64)
-    # identical hashes are collapsed first, so a flood of blank images costs nothing extra
-    uniq, inverse = np.unique(hashes, return_inverse=True)
-    pairs = [same_value_pairs(inverse)]
-    if threshold > 0 and uniq.size > 1:
-        upairs = close_hash_pairs(uniq, threshold)
-        pairs.append(_expand_pairs(upairs, inverse))
-    out = np.concatenate(pairs)
-    out = np.sort(out, axis=1)
-    return np.unique(out, axis=0) if out.size else out
-
-
 def same_value_pairs(codes: np.ndarray) -> np.ndarray:
     """Pairs linking each index to the first index with the same code (a spanning star)."""
     values, first = np.unique(codes, return_index=True)
@@ -49,14 +29,6 @@ def same_value_pairs(codes: np.ndarray) -> np.ndarray:
     idx = np.arange(codes.size)
     keep = leader != idx
     return np.stack([leader[keep], idx[keep]], axis=1)
-
-
-def _expand_pairs(upairs: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Map pairs of unique hashes back to one representative row each (stars do the rest)."""
-    if not upairs.size:
-        return np.empty((0, 2), dtype=np.int64)
-    _, first = np.unique(inverse, return_index=True)  # inverse covers 0..len(uniq) - 1
-    return np.stack([first[upairs[:, 0]], first[upairs[:, 1]]], axis=1)
 
 
 def close_hash_pairs(uniq: np.ndarray, threshold: int) -> np.ndarray:

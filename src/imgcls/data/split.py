@@ -4,8 +4,13 @@ Algorithm (details and rationale in docs/split.md):
 
 1. Groups that share a file (same sha256) are merged, so an exact duplicate can never straddle
    two splits even if validate missed it.
-2. Fixed groups: with ``previous`` (stable mode) every group that already had a split keeps it;
-   with ``respect_source_split`` a group holding a ``source_split=test`` row goes to test.
+2. A delivered test set is never grown: with ``respect_source_split`` the test split is exactly
+   the rows delivered as ``source_split=test``. Any other row that would leak into them (same
+   group, same bytes, or a verified near-duplicate from ``near_pairs``) is *excluded*: kept out
+   of every split and listed with its test twin (``DataFrame.attrs[EXCLUDED_ATTR]``).
+   Fixed groups: with ``previous`` (stable mode) every group that already had a split keeps it,
+   unless the grouping itself changed (then a fresh split, with a warning); delivered test
+   groups go to test.
 3. Free groups are placed largest first by a greedy that minimises the squared per-class share
    deviation from the targets, except that a class about to run out of groups first covers the
    splits it is still missing from; one-image groups then fill each class's remaining deficit
@@ -35,8 +40,6 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from imgcls.config import SplitConfig
-from imgcls.data.phash import near_duplicate_pairs as find_pairs
-from imgcls.data.phash import parse_phashes
 from imgcls.errors import ImgclsError
 from imgcls.task import join_labels, split_labels
 
@@ -48,8 +51,12 @@ TRAIN, VAL, TEST = 0, 1, 2
 # this order wins: an image the previous model trained on must never move into val or test.
 _RANK = {name: i for i, name in enumerate(SPLITS)}
 WARNINGS_ATTR = "split_warnings"  # DataFrame.attrs key: warnings raised while assigning
+EXCLUDED_ATTR = "split_excluded"  # DataFrame.attrs key: rows kept out of every split, and why
+EXCLUDED_COLUMNS = ("path", "label", "source_split", "twin", "twin_label", "reason", "similarity")
+# Share of the previous rows whose grouping must have changed before stable mode gives way to a
+# fresh split: growth re-groups a few rows (a new near-duplicate), a new rule most of them.
+REGROUP_SHARE = 0.5
 DEVIATION_WARN_PP = 2.0  # the issue's quality target: per-class share within 2 pp of target
-NEAR_DUPLICATE_THRESHOLD = 4  # default pHash Hamming distance for the leakage check
 _REQUIRED = ("label", "group")
 _FIX_PREVIOUS = "delete data/processed/splits.csv or set split.stable: false to split from scratch"
 _MAX_EXAMPLES = 5
@@ -58,6 +65,8 @@ _MAX_EXAMPLES = 5
 LOCAL_SEARCH_MAX_GROUPS = 5000
 SWAP_MAX_GROUPS = 600
 MAX_REPORTED_COMBINATIONS = 1000  # combination x split rows in reports/split.json
+MAX_REPORTED_EXCLUDED = 1000  # excluded rows listed in reports/split.json (the count is complete)
+MAX_MARKDOWN_EXCLUDED = 100  # ... and in reports/split.md
 
 
 class SplitError(ImgclsError):
@@ -492,6 +501,93 @@ def _swap_into_train(
     return False
 
 
+# --------------------------------------------------------------------------- delivered test set
+
+
+def _leaks_into_test(valid: pd.DataFrame, near_pairs: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows not delivered as test that would leak into the delivered test rows, with a twin each.
+
+    A row leaks when it shares a group or the bytes (sha256) with a delivered test row, or is a
+    verified near-duplicate of one (`near_pairs`: validate's path, twin, similarity). The twin
+    named is the closest evidence: a near-duplicate partner, else a byte-identical test file,
+    else the first test row of the group.
+    """
+    is_test = (_column(valid, "source_split") == "test").to_numpy()
+    paths = _column(valid, "path" if "path" in valid.columns else "group").to_numpy()
+    labels = _column(valid, "label").to_numpy()
+    comp = _components(valid)[0]
+    has_test = np.bincount(comp, weights=is_test, minlength=comp.max() + 1) > 0
+    twin = pd.Series("", index=range(len(valid)), dtype=object)
+    reason = pd.Series("", index=range(len(valid)), dtype=object)
+    sim = pd.Series(np.nan, index=range(len(valid)))
+    # same group (possibly merged by validate through duplicates): the group's first test row
+    first_test = pd.Series(paths[is_test]).groupby(comp[is_test]).min()
+    grouped = ~is_test & has_test[comp]
+    twin[grouped] = first_test.reindex(comp[grouped]).to_numpy()
+    reason[grouped] = "same group as a delivered test image"
+    # byte-identical to a test file: a sharper reason than the group
+    sha = _column(valid, "sha256").to_numpy()
+    test_sha = pd.Series(paths[is_test]).groupby(sha[is_test]).min()
+    test_sha = test_sha[test_sha.index != ""]
+    exact = ~is_test & pd.Series(sha).isin(test_sha.index).to_numpy()
+    twin[exact] = test_sha.reindex(sha[exact]).to_numpy()
+    reason[exact] = "exact duplicate of a delivered test image"
+    sim[exact] = 1.0
+    # verified near-duplicate of a test file, in any group (bounded clusters may cut a chain)
+    if near_pairs is not None and len(near_pairs):
+        index = pd.Series(np.arange(len(valid)), index=paths)
+        pa = index.reindex(near_pairs["path"].astype(str)).to_numpy()
+        pb = index.reindex(near_pairs["twin"].astype(str)).to_numpy()
+        known = ~(np.isnan(pa) | np.isnan(pb))
+        pa, pb = pa[known].astype(np.int64), pb[known].astype(np.int64)
+        s = pd.to_numeric(near_pairs["similarity"], errors="coerce").to_numpy()[known]
+        for a, b in ((pa, pb), (pb, pa)):  # a leaks if b is a delivered test row
+            hit = ~is_test[a] & is_test[b] & ~exact[a]
+            best = pd.DataFrame({"a": a[hit], "b": b[hit], "s": s[hit]})
+            best = best.sort_values(["a", "s"], ascending=[True, False]).drop_duplicates("a")
+            better = best["s"].to_numpy() > sim.reindex(best["a"]).fillna(-2).to_numpy()
+            best = best[better]
+            twin[best["a"].to_numpy()] = paths[best["b"].to_numpy()]
+            reason[best["a"].to_numpy()] = "verified near-duplicate of a delivered test image"
+            sim[best["a"].to_numpy()] = best["s"].to_numpy()
+    leak = (reason != "").to_numpy()
+    by_path = pd.Series(labels, index=paths)
+    out = pd.DataFrame(
+        {
+            "path": paths[leak],
+            "label": labels[leak],
+            "source_split": _column(valid, "source_split").to_numpy()[leak],
+            "twin": twin[leak].to_numpy(),
+            "twin_label": by_path[~by_path.index.duplicated()].reindex(twin[leak]).to_numpy(),
+            "reason": reason[leak].to_numpy(),
+            "similarity": sim[leak].to_numpy(),
+        },
+        index=np.flatnonzero(leak),
+    )
+    return out
+
+
+def _regrouped_share(valid: pd.DataFrame, previous: pd.DataFrame) -> float:
+    """Share of the rows in both tables whose grouping changed (not just a group's name).
+
+    A row counts as changed when its old group now spans several groups or its new group
+    spans several old ones. Growth changes a few rows (a new near-duplicate joins two groups),
+    a new `data.group` rule most of them.
+    """
+    if "path" not in valid.columns or "path" not in previous.columns:
+        return 0.0
+    old = previous.assign(_p=_column(previous, "path")).drop_duplicates("_p")
+    old = old.set_index("_p")["group"].astype(str)
+    new = pd.Series(_column(valid, "group").to_numpy(), index=_column(valid, "path").to_numpy())
+    common = new.index.intersection(old.index)
+    if not len(common):
+        return 0.0
+    pairs = pd.DataFrame({"old": old.reindex(common).to_numpy(), "new": new[common].to_numpy()})
+    old_spans = pairs.groupby("old")["new"].transform("nunique") > 1
+    new_spans = pairs.groupby("new")["old"].transform("nunique") > 1
+    return float((old_spans | new_spans).mean())
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -508,7 +604,21 @@ def _pin_previous(
     assign: np.ndarray,
     warnings: list[str],
 ) -> None:
-    """Stable mode: every group seen in `previous` keeps its split (train > val > test)."""
+    """Stable mode: every group seen in `previous` keeps its split (train > val > test).
+
+    If the grouping itself changed for most rows (a new `data.group` rule), the old assignment
+    means nothing for the new groups and would leak or empty splits: nothing is pinned, a
+    warning says so, and the split starts afresh.
+    """
+    regrouped = _regrouped_share(valid, previous)
+    if regrouped > REGROUP_SHARE:
+        warnings.append(
+            f"the grouping changed for {regrouped:.0%} of the rows since the previous "
+            "splits.csv (data.group or the duplicate rules changed?); their old splits do not "
+            "fit the new groups, so every group was split afresh (split.stable applies to data "
+            "that grows, not to a new definition of a group)"
+        )
+        return
     n_groups = len(assign)
     row_rank = _previous_rank(valid, previous)
     grp_rank = pd.Series(row_rank).groupby(comp).min().reindex(range(n_groups)).to_numpy()
@@ -543,7 +653,12 @@ def _pin_source_test(
     assign: np.ndarray,
     warnings: list[str],
 ) -> bool:
-    """respect_source_split: groups holding a source_split=test row go to test; True if any."""
+    """respect_source_split: groups of delivered test rows go to test; True if there are any.
+
+    Rows that shared a group with test rows were excluded before, so these groups hold test
+    rows only, and the test split is exactly the delivered test set, even if the previous
+    splits.csv (stable mode) had some of them elsewhere.
+    """
     source_test = (_column(valid, "source_split") == "test").to_numpy()
     if not (cfg.respect_source_split and source_test.any()):
         return False
@@ -558,19 +673,11 @@ def _pin_source_test(
     overruled = has_src & (assign >= 0) & (assign != TEST)
     if overruled.any():
         warnings.append(
-            f"{int(overruled.sum())} group(s) with rows that arrived as source_split=test stay "
-            "in train/val because they were there in the previous splits.csv (stable: true)"
+            f"{int(overruled.sum())} group(s) of rows delivered as test were in train/val in "
+            "the previous splits.csv; they are test now (the delivered test set is never "
+            "trained on), so models trained on the previous split saw part of the test set"
         )
-    to_test = has_src & (assign < 0)
-    mixed = to_test & (np.bincount(comp, weights=~source_test, minlength=n_groups) > 0)
-    if mixed.any():
-        n_rows = int((~source_test & mixed[comp]).sum())
-        warnings.append(
-            f"{int(mixed.sum())} group(s) mix source_split=test rows with other rows "
-            "(near-duplicates across the source's own splits?); each went whole to test, "
-            f"taking {n_rows} row(s) that did not arrive as test"
-        )
-    assign[to_test] = TEST
+    assign[has_src] = TEST
     return True
 
 
@@ -601,11 +708,15 @@ def assign_splits(
     previous: pd.DataFrame | None = None,
     *,
     multi_label: bool = False,
+    near_pairs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Return `valid` plus a `split` column (train/val/test); SplitError on impossible input.
 
     `multi_label` (`data.multi_label`): `label` cells are label sets ("cat|dog"), stratified by
-    combination and by individual label (module docstring, docs/split.md).
+    combination and by individual label (module docstring, docs/split.md). `near_pairs`:
+    validate's verified near-duplicate pairs (path, twin, similarity). With
+    `respect_source_split`, rows that would leak into the delivered test set are left out of
+    the result and listed in `.attrs[EXCLUDED_ATTR]`.
     """
     _check_frame(valid, "valid.csv", _REQUIRED, "it is written by the validate stage")
     if multi_label:
@@ -618,6 +729,17 @@ def assign_splits(
     warnings: list[str] = []
     frac = _fractions(cfg)
     positive = np.flatnonzero(frac > 0)
+    excluded = pd.DataFrame(columns=list(EXCLUDED_COLUMNS))
+    if cfg.respect_source_split and (_column(valid, "source_split") == "test").any():
+        excluded = _leaks_into_test(valid, near_pairs)
+        if len(excluded):
+            warnings.append(
+                f"{len(excluded)} row(s) not delivered as test are duplicates, near-duplicates "
+                "or group mates of delivered test images; they are kept out of train and val "
+                "(they would leak) and listed with their test twin in reports/split.json"
+            )
+            valid = valid.drop(index=valid.index[excluded.index.to_numpy()])
+        excluded = excluded.reset_index(drop=True)
 
     comp, names, merged = _components(valid)
     if merged:
@@ -698,6 +820,7 @@ def assign_splits(
     for w in warnings:
         log.warning("%s", w)
     out.attrs[WARNINGS_ATTR] = warnings
+    out.attrs[EXCLUDED_ATTR] = excluded
     return out
 
 
@@ -821,25 +944,21 @@ def _coverage_warnings(
 
 
 def near_duplicate_pairs(
-    splits: pd.DataFrame, threshold: int = NEAR_DUPLICATE_THRESHOLD
-) -> list[tuple[str, str, int]]:
-    """Cross-split pairs of distinct pHashes within `threshold` bits: (path_a, path_b, distance)."""
-    if "phash" not in splits.columns or threshold < 0:
+    splits: pd.DataFrame, near_pairs: pd.DataFrame
+) -> list[tuple[str, str, float]]:
+    """Verified near-duplicate pairs (validate's) whose two files sit in different splits."""
+    if not len(near_pairs) or "path" not in splits.columns:
         return []
-    hashes, ok = parse_phashes(_column(splits, "phash").str.lower())
-    split_code = _column(splits, "split").map(_RANK).to_numpy()[ok]
-    paths = _column(splits, "path" if "path" in splits.columns else "group").to_numpy()[ok]
-    known = ~pd.isna(split_code)
-    # One representative per (hash, split): identical hashes inside a split add nothing.
-    table = pd.DataFrame(
-        {"h": hashes[known], "s": split_code[known].astype(int), "p": paths[known]}
-    )
-    table = table.drop_duplicates(["h", "s"]).reset_index(drop=True)
-    h, s, p = table["h"].to_numpy(dtype=np.uint64), table["s"].to_numpy(), table["p"].to_numpy()
-    pairs = find_pairs(h, threshold)
-    pairs = pairs[s[pairs[:, 0]] != s[pairs[:, 1]]] if len(pairs) else pairs
-    dist = np.bitwise_count(h[pairs[:, 0]] ^ h[pairs[:, 1]]) if len(pairs) else []
-    return [(str(p[i]), str(p[j]), int(d)) for (i, j), d in zip(pairs.tolist(), dist, strict=True)]
+    where = pd.Series(_column(splits, "split").to_numpy(), index=_column(splits, "path"))
+    where = where[~where.index.duplicated()]
+    sa = where.reindex(near_pairs["path"].astype(str)).to_numpy()
+    sb = where.reindex(near_pairs["twin"].astype(str)).to_numpy()
+    cross = pd.notna(sa) & pd.notna(sb) & (sa != sb)
+    hit = near_pairs[cross]
+    return [
+        (str(a), str(b), float(s))
+        for a, b, s in zip(hit["path"], hit["twin"], hit["similarity"], strict=True)
+    ]
 
 
 def _shared(splits: pd.DataFrame, key: str) -> list[str]:
@@ -856,14 +975,16 @@ def _shared(splits: pd.DataFrame, key: str) -> list[str]:
 def split_report(
     splits: pd.DataFrame,
     cfg: SplitConfig,
-    near_duplicate_threshold: int = NEAR_DUPLICATE_THRESHOLD,
+    near_pairs: pd.DataFrame | None = None,
     *,
     multi_label: bool = False,
 ) -> dict[str, Any]:
     """JSON-able summary: class x split counts, groups, target vs actual shares, leakage checks.
 
+    `near_pairs`: validate's verified near-duplicate pairs; None = that check is skipped.
     `multi_label`: `counts`, `class_shares` and the deviations are per individual label (a row
-    counts once for each of its labels); `label_combinations` and `strata` are added.
+    counts once for each of its labels); `label_combinations` and `strata` are added. Rows that
+    `assign_splits` excluded (`.attrs[EXCLUDED_ATTR]`) are listed under `excluded`.
     """
     _check_frame(splits, "splits", (*_REQUIRED, "split"), "pass what assign_splits returned")
     if multi_label:
@@ -882,8 +1003,8 @@ def split_report(
 
     shared_groups = _shared(splits, "group")
     shared_sha = _shared(splits, "sha256")
-    near = near_duplicate_pairs(splits, near_duplicate_threshold)
-    near_checked = "phash" in splits.columns and near_duplicate_threshold >= 0
+    near_checked = near_pairs is not None
+    near = near_duplicate_pairs(splits, near_pairs) if near_pairs is not None else []
 
     process = list(splits.attrs.get(WARNINGS_ATTR, []))
     derived = _coverage_warnings(splits, cfg, multi_label)
@@ -891,7 +1012,7 @@ def split_report(
         if w not in process:  # assign_splits already logged its own copy
             log.warning("%s", w)
     if not near_checked:
-        msg = "near-duplicate check skipped (no phash column or threshold < 0)"
+        msg = "near-duplicate check skipped (no verified near-duplicate pairs were given)"
         log.warning("%s", msg)
         derived.append(msg)
     warnings = process + [w for w in derived if w not in process]
@@ -937,7 +1058,6 @@ def split_report(
             "shared_groups": len(shared_groups),
             "shared_sha256": len(shared_sha),
             "near_duplicate_pairs": len(near),
-            "near_duplicate_threshold": near_duplicate_threshold,
             "examples": {
                 "groups": shared_groups[:_MAX_EXAMPLES],
                 "sha256": shared_sha[:_MAX_EXAMPLES],
@@ -946,10 +1066,92 @@ def split_report(
         },
         "warning_count": len(warnings),
         "warnings": warnings,
+        "excluded": _excluded_report(splits.attrs.get(EXCLUDED_ATTR)),
     }
     if multi_label:
         report.update(_multi_label_report(splits, cfg))
     return report
+
+
+def _excluded_report(excluded: pd.DataFrame | None) -> dict[str, Any]:
+    """Rows kept out of every split because they would leak into the delivered test set."""
+    if excluded is None or not len(excluded):
+        return {"rows": 0, "by_reason": {}, "by_label": {}, "rows_listed": []}
+    table = excluded.sort_values(["reason", "path"])
+    listed = [
+        {
+            k: (None if isinstance(v, float) and np.isnan(v) else v)
+            for k, v in zip(EXCLUDED_COLUMNS, row, strict=True)
+        }
+        for row in table[list(EXCLUDED_COLUMNS)].head(MAX_REPORTED_EXCLUDED).itertuples(index=False)
+    ]
+    return {
+        "rows": len(excluded),
+        "by_reason": {str(k): int(v) for k, v in excluded["reason"].value_counts().items()},
+        "by_label": {str(k): int(v) for k, v in excluded["label"].value_counts().items()},
+        "rows_listed": listed,
+    }
+
+
+def render_split_markdown(report: dict[str, Any], figure: str | None = None) -> str:
+    """The human split report: rows per class and split, leakage, excluded rows with twins."""
+    lines = ["# Split", ""]
+    sp = report["splits"]
+    lines.append(
+        ", ".join(f"{s}: {sp[s]['rows']} rows in {sp[s]['groups']} groups" for s in SPLITS)
+        + f"; worst per-class share deviation {report['worst_deviation_pp']:.2f} pp."
+    )
+    lines += ["", "| class | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+    for label, row in report["counts"].items():
+        lines.append(f"| {label} | " + " | ".join(str(row[s]) for s in SPLITS) + " |")
+    leak = report["leakage"]
+    near = leak["no_near_duplicate"]
+    lines += [
+        "",
+        "## Leakage checks",
+        "",
+        f"- groups in two splits: {leak['shared_groups']}",
+        f"- byte-identical files in two splits: {leak['shared_sha256']}",
+        "- verified near-duplicate pairs in two splits: "
+        + ("not checked" if near is None else str(leak["near_duplicate_pairs"])),
+    ]
+    ex = report.get("excluded") or {"rows": 0}
+    if ex["rows"]:
+        lines += [
+            "",
+            f"## Kept out of train and val ({ex['rows']} rows)",
+            "",
+            "The test split is exactly the delivered test set. These rows were not delivered as "
+            "test but duplicate (or share a group with) a delivered test image, so training on "
+            "them would leak the test set; they are in no split.",
+            "",
+            "| path | label | test twin | twin's label | why | similarity |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ex["rows_listed"][:MAX_MARKDOWN_EXCLUDED]:
+            simil = "" if r["similarity"] is None else f"{r['similarity']:.4f}"
+            lines.append(
+                f"| {r['path']} | {r['label']} | {r['twin']} | {r['twin_label']} | "
+                f"{r['reason']} | {simil} |"
+            )
+        if ex["rows"] > MAX_MARKDOWN_EXCLUDED:
+            lines.append(f"\n…and {ex['rows'] - MAX_MARKDOWN_EXCLUDED} more (reports/split.json).")
+        if figure:
+            lines += ["", f"![each excluded row beside its test twin]({figure})"]
+    if report["warnings"]:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in report["warnings"])]
+    return "\n".join(lines) + "\n"
+
+
+def excluded_strips(report: dict[str, Any], limit: int = 24) -> list[tuple[str, list[str]]]:
+    """(caption, [row, twin]) per excluded row, for the thumbnail sheet."""
+    return [
+        (
+            f"{r['label']} vs test {r['twin_label']}: {r['reason'].split(' of ')[0]}",
+            [r["path"], r["twin"]],
+        )
+        for r in (report.get("excluded") or {}).get("rows_listed", [])[:limit]
+    ]
 
 
 def _multi_label_report(splits: pd.DataFrame, cfg: SplitConfig) -> dict[str, Any]:
