@@ -102,6 +102,16 @@ def test_zip_slip_member_is_refused_and_nothing_is_written(tmp_path: Path) -> No
     assert not (repo / "data" / "raw" / "evil").exists()
 
 
+def test_absolute_member_path_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "abs.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("/tmp/imgcls-absolute.png")
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UnsafeArchiveError, match="absolute path"):
+        extract_archive(archive, tmp_path / "out", 10**9)
+    assert not (tmp_path / "out").exists()
+
+
 def _zip_symlink(zf: zipfile.ZipFile, name: str, target: str) -> None:
     """Add a member stored as a Unix symbolic link to `target`."""
     info = zipfile.ZipInfo(name)
@@ -421,7 +431,6 @@ def test_labels_csv_listing_images_outside_the_repository_mirrors_them(tmp_path:
     again = _build(repo, source="labels.csv")
     assert (again["error"] == "missing file").sum() == 2
     assert not any((repo / "data" / "raw" / "labels").rglob("c1.png"))
-
 
 
 # ----------------------------------------------------------------------------- IDX

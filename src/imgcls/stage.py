@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from imgcls.config import ConfigError
 from imgcls.errors import ImgclsError
+from imgcls.io import disk_full_message, is_disk_full
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -29,6 +31,20 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except (ImgclsError, ConfigError) as err:
         print(f"\n{name} failed: {err}", file=sys.stderr)
         sys.exit(1)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        # A writer outside imgcls.io (a library's own) ran out of space: say so in English.
+        where = err.filename2 or err.filename  # copyfile: filename2 is the destination
+        print(f"\n{name} failed: {_full_disk(where)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"\n{name} interrupted; earlier outputs are unchanged", file=sys.stderr)
         sys.exit(130)
+
+
+def _full_disk(where: str | bytes | int | None) -> str:
+    """The disk-full message for a file the OS error named, or the current folder's disk."""
+    if isinstance(where, str | bytes):
+        return disk_full_message(os.fsdecode(where))
+    return "a write failed: " + disk_full_message(os.getcwd()).replace("cannot write ", "in ", 1)
