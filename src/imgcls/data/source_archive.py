@@ -94,7 +94,7 @@ def _refuse(archive: Path, member: str, why: str) -> UnsafeArchiveError:
         f"{archive}: refused to extract member {member!r}: {why}. Nothing was extracted and the "
         "previous extraction, if any, is unchanged. An archive like this can overwrite files "
         "outside its folder (zip-slip); if you built it yourself, repack it with relative paths "
-        "inside one folder and no links (e.g. `tar --dereference` or `zip` without `-y`)."
+        "inside one folder and no links (tar: --dereference --hard-dereference; zip: without -y)."
     )
 
 
@@ -165,6 +165,8 @@ def check_members(archive: Path, members: list[Member], max_bytes: int) -> int:
     kinds: dict[str, bool] = {}  # path -> is_dir, for every path a member creates
     for m in members:
         if not m.name:
+            if not m.is_dir:
+                raise _refuse(archive, m.label, "a file without a name")
             continue
         parts = m.name.split("/")
         for i in range(1, len(parts)):
@@ -172,7 +174,9 @@ def check_members(archive: Path, members: list[Member], max_bytes: int) -> int:
                 raise _refuse(archive, m.label, f"{'/'.join(parts[:i])!r} is also a file")
         seen = kinds.get(m.name)
         if seen is not None and not (seen and m.is_dir):
-            raise _refuse(archive, m.label, "the archive holds this path twice")
+            raise _refuse(
+                archive, m.label, "the archive holds this path twice (or as file and folder)"
+            )
         kinds[m.name] = m.is_dir
     total = sum(m.size for m in members)
     if total > max_bytes:

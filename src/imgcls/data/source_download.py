@@ -88,9 +88,6 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_CheckedRedirects)
-
-
 def url_filename(url: str) -> str:
     """The last path component of a URL, percent-decoded (callers must check it is plain)."""
     name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
@@ -155,7 +152,8 @@ def _open(url: str, offset: int) -> http.client.HTTPResponse:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
-    return _OPENER.open(request, timeout=TIMEOUT_S)  # type: ignore[return-value]
+    opener = urllib.request.build_opener(_CheckedRedirects)  # per call: proxies from the env now
+    return opener.open(request, timeout=TIMEOUT_S)  # type: ignore[return-value]
 
 
 def _too_big(url: str, part: Path, size: int, limit: int, *, announced: bool) -> DownloadError:
@@ -217,8 +215,10 @@ def _stream(
     progress: bool,
 ) -> int:
     """Append the response body to `part`, stopping one byte past `max_bytes`; bytes held."""
+    # O_NOFOLLOW: a link planted at the .part path is an error, never a way to write elsewhere.
+    mode = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if offset else os.O_TRUNC)
     with (
-        open(part, "ab" if offset else "wb") as fh,
+        os.fdopen(os.open(part, mode, 0o666), "ab" if offset else "wb") as fh,
         tqdm(
             total=total,
             initial=offset,
