@@ -46,9 +46,16 @@ def free_bytes(path: Path | str) -> int | None:
 
 
 def disk_full_message(
-    path: Path | str, needed: int | None = None, *, at_least: int | None = None
+    path: Path | str,
+    needed: int | None = None,
+    *,
+    at_least: int | None = None,
+    atomic: bool = True,
 ) -> str:
-    """'cannot write X: no space left ... (needs N bytes, F bytes free there)' plus the fix."""
+    """'cannot write X: no space left ... (needs N bytes, F bytes free there)' plus the fix.
+
+    `atomic`: the write went to a temp file, so the message can promise the old file is intact.
+    """
     free = free_bytes(path)
     if needed is not None:
         need = f"needs {needed:,} bytes, "
@@ -57,10 +64,14 @@ def disk_full_message(
     else:
         need = ""
     have = f"{free:,} bytes free there" if free is not None else "free space unknown"
+    kept = (
+        f"Nothing was replaced: the previous {Path(path).name}, if any, is unchanged. "
+        if atomic
+        else ""
+    )
     return (
-        f"cannot write {path}: no space left on the disk ({need}{have}). Nothing was replaced: "
-        f"the previous {Path(path).name}, if any, is unchanged. Free some space (df -h shows "
-        "which filesystem) or move the folder to a bigger disk, then run again."
+        f"cannot write {path}: no space left on the disk ({need}{have}). {kept}Free some space "
+        "(df -h shows which filesystem) or move the folder to a bigger disk, then run again."
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from imgcls.config import ConfigError
 from imgcls.errors import ImgclsError
-from imgcls.io import disk_full_message, is_disk_full
+from imgcls.io import disk_full_message, free_bytes, is_disk_full
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -44,7 +44,12 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
 
 
 def _full_disk(where: str | bytes | int | None) -> str:
-    """The disk-full message for a file the OS error named, or the current folder's disk."""
+    """The disk-full message for the file the OS error named, or for the current folder."""
     if isinstance(where, str | bytes):
-        return disk_full_message(os.fsdecode(where))
-    return "a write failed: " + disk_full_message(os.getcwd()).replace("cannot write ", "in ", 1)
+        return disk_full_message(os.fsdecode(where), atomic=False)
+    free = free_bytes(os.getcwd())
+    have = f"{free:,} bytes free in {os.getcwd()}" if free is not None else "free space unknown"
+    return (
+        f"a write failed: no space left on the disk ({have}). Free some space (df -h shows which "
+        "filesystem), then run again."
+    )

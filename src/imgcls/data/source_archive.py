@@ -18,6 +18,7 @@ The rule is deliberately simple, so that it holds whatever the order of the memb
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -306,7 +307,8 @@ def swap_into_place(new: Path, target: Path) -> None:
 
 def _clean_stale(target: Path) -> None:
     """Remove temporary folders that an earlier, killed extraction of `target` left behind."""
-    for pattern in (f".{target.name}.*.extracting", f".{target.name}.*.old"):
+    name = glob.escape(target.name)
+    for pattern in (f".{name}.*.extracting", f".{name}.*.old"):
         for stale in target.parent.glob(pattern):
             _remove(stale)
 
