@@ -415,12 +415,14 @@ def test_labels_csv_listing_images_outside_the_repository_mirrors_them(tmp_path:
     cat = fac.png(share / "cat" / "c1.png", seed=1)
     dog = fac.png(share / "dog" / "d1.png", seed=2)
     repo = tmp_path / "repo"
-    repo.mkdir()
-    rows = [f"{cat},cat", "../share/dog/d1.png,dog", f"{share / 'gone.png'},cat"]
+    own = fac.png(repo / "data" / "raw" / "labels" / "fox" / "f1.png", seed=3)  # kept in place
+    unlisted = fac.png(repo / "data" / "raw" / "labels" / "fox" / "f2.png", seed=4)
+    rows = [f"{cat},cat", "../share/dog/d1.png,dog", f"{share / 'gone.png'},cat", f"{own},fox"]
     (repo / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     df = _build(repo, source="labels.csv").set_index("label", drop=False)
     assert all(p.startswith("data/raw/labels/") for p in df["path"])
-    ok = df[df["error"] == ""]
+    assert df.loc["fox", "path"] == "data/raw/labels/fox/f1.png" and own.is_file()
+    ok = df[(df["error"] == "") & (df["label"] != "fox")]
     assert sorted(ok["label"]) == ["cat", "dog"]
     for _, row in ok.iterrows():
         original = cat if row["label"] == "cat" else dog
@@ -431,6 +433,7 @@ def test_labels_csv_listing_images_outside_the_repository_mirrors_them(tmp_path:
     again = _build(repo, source="labels.csv")
     assert (again["error"] == "missing file").sum() == 2
     assert not any((repo / "data" / "raw" / "labels").rglob("c1.png"))
+    assert own.is_file() and unlisted.is_file()  # the user's own files there are never pruned
 
 
 # ----------------------------------------------------------------------------- IDX

@@ -169,7 +169,7 @@ def _unplain(spec: SourceSpec, name: str, what: str) -> SourceError:
     return SourceError(
         f"data.source {where}: {what} {name!r} is not a plain file name (it must not be empty, "
         "contain '/', '\\' or control characters, start with a dot, or be "
-        f"{DOWNLOADS!r}), so it could put files outside data/raw/. Give the source an explicit "
+        f"{DOWNLOADS!r}), so it could put files outside data/raw/. Give the source a plain "
         "`name:`; for a URL, download the file yourself and point `path:` at it."
     )
 
@@ -549,10 +549,12 @@ def mirror_outside(
 ) -> list[FoundFile]:
     """Mirror the listed images that lie outside the repository into `target` (under data/raw)."""
     out: list[FoundFile] = []
+    keep: set[Path] = set()  # mirrored files, and listed files that already live under target
     wanted: set[Path] = set()
     with explain_disk_full(target):
         for f in files:
             if _inside(Path(f.path), root):
+                keep.add(Path(f.path))
                 out.append(f)
                 continue
             dst = _mirror_path(f.path, images_root, target)
@@ -560,8 +562,11 @@ def mirror_outside(
                 _mirror_file(f.path, dst)
                 wanted.add(dst)
             out.append(FoundFile(str(dst), f.label, f.source_split, f.group, f.error))
-        if wanted or target.exists():
-            _prune(target, wanted)
+        # Delete stale mirrors only where this source owns the files: all of `target` when the
+        # CSV's root is outside the repository (as an outside folder's mirror), else `_abs/`
+        # (a CSV may list images the user keeps in data/raw/<name>/ itself).
+        owned = target if not _inside(images_root, root) else target / ABS_DIR
+        _prune(owned, wanted | keep)
     if wanted:
         log.info("mirrored %d image(s) from outside the repository into %s", len(wanted), target)
     return out
