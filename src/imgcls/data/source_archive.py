@@ -33,6 +33,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -254,6 +255,11 @@ def _write_checked(
         raise DiskFullError(f"{archive}: {disk_full_message(target, total)}") from None
 
 
+def _open_zip_member(zf: zipfile.ZipFile, m: Member) -> IO[bytes]:
+    """The data of a regular zip member."""
+    return zf.open(m.ref)  # type: ignore[arg-type]
+
+
 def _open_tar_member(tf: tarfile.TarFile, m: Member) -> IO[bytes]:
     """The data of a regular tar member."""
     fh = tf.extractfile(m.ref)  # type: ignore[arg-type]
@@ -267,13 +273,12 @@ def _extract(archive: Path, tmp: Path, target: Path, max_bytes: int) -> None:
     if archive.name.lower().endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             members = _zip_members(archive, zf)
-            opener = lambda m: zf.open(m.ref)  # type: ignore[arg-type]  # noqa: E731
+            opener = partial(_open_zip_member, zf)
             _write_checked(archive, tmp, target, members, opener, max_bytes)
     else:
         with tarfile.open(archive, "r:*") as tf:
             members = _tar_members(archive, tf)
-            opener = lambda m: _open_tar_member(tf, m)  # noqa: E731
-            _write_checked(archive, tmp, target, members, opener, max_bytes)
+            _write_checked(archive, tmp, target, members, partial(_open_tar_member, tf), max_bytes)
 
 
 def _fingerprint(archive: Path) -> dict[str, object]:
