@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import socket
 import struct
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +17,18 @@ import pandas as pd
 import pytest
 
 import _imagefactory as fac
+from _localhttp import Server, local_server
 from imgcls.config import DataConfig, GroupConfig
 from imgcls.data import sources
 from imgcls.data.manifest import build_manifest, group_of
 from imgcls.data.source_archive import ArchiveError, UnsafeArchiveError, extract_archive
-from imgcls.data.source_download import ChecksumError, DownloadError, check_url, download
+from imgcls.data.source_download import (
+    ChecksumError,
+    DownloadError,
+    check_redirect,
+    check_url,
+    download,
+)
 from imgcls.data.sources import FoundFile, SourceError, read_idx, resolve_sources
 
 
@@ -86,15 +90,16 @@ def test_archive_is_not_extracted_again_when_unchanged(tmp_path: Path) -> None:
 
 
 def test_zip_slip_member_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
-    archive = tmp_path / "evil.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
+    repo = tmp_path / "repo"  # four levels up from the extraction folder is still in tmp_path
+    repo.mkdir()
+    with zipfile.ZipFile(repo / "evil.zip", "w") as zf:
         zf.writestr("good/a.png", b"x")
-        zf.writestr("../../escaped.png", b"x")
+        zf.writestr("../../../../escaped.png", b"x")
     with pytest.raises(UnsafeArchiveError, match=r"'\.\.' path component") as err:
-        _build(tmp_path, source="evil.zip")
+        _build(repo, source="evil.zip")
     assert "evil.zip" in str(err.value) and "escaped.png" in str(err.value)
-    assert not list(tmp_path.parent.glob("escaped.png"))
-    assert not (tmp_path / "data" / "raw" / "evil").exists()
+    assert list(tmp_path.rglob("escaped.png")) == []
+    assert not (repo / "data" / "raw" / "evil").exists()
 
 
 def test_absolute_member_path_is_refused(tmp_path: Path) -> None:
@@ -107,40 +112,76 @@ def test_absolute_member_path_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("link_type", [tarfile.SYMTYPE, tarfile.LNKTYPE])
-def test_tar_link_escaping_the_target_is_refused(tmp_path: Path, link_type: bytes) -> None:
-    archive = tmp_path / "links.tar.gz"
-    with tarfile.open(archive, "w:gz") as tf:
-        info = tarfile.TarInfo("data/cat/passwd.png")
+def _zip_symlink(zf: zipfile.ZipFile, name: str, target: str) -> None:
+    """Add a member stored as a Unix symbolic link to `target`."""
+    info = zipfile.ZipInfo(name)
+    info.external_attr = 0o120777 << 16
+    zf.writestr(info, target)
+
+
+def test_chained_zip_symlinks_cannot_write_outside_the_target(tmp_path: Path) -> None:
+    # Each link is lexically inside the archive, but every later one is created *through* the
+    # earlier ones: a/b -> .. is the target itself, a/b/c -> .. its parent, and so on. The file
+    # at the end of the chain would land four levels above the extraction folder: in tmp_path.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    chain = ["a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e", "a/b/c/d/e/f"]
+    with zipfile.ZipFile(repo / "chain.zip", "w") as zf:
+        for name in chain:
+            _zip_symlink(zf, name, "..")
+        zf.writestr("a/b/c/d/e/f/escaped.txt", b"written through a link chain")
+    with pytest.raises(UnsafeArchiveError, match="link") as err:
+        _build(repo, source="chain.zip")
+    assert "'a/b'" in str(err.value) and "chain.zip" in str(err.value)
+    assert list(tmp_path.rglob("escaped.txt")) == []
+    assert not (repo / "data" / "raw" / "chain").exists()
+
+
+@pytest.mark.parametrize(
+    ("link_type", "linkname", "why"),
+    [
+        (tarfile.SYMTYPE, "../../../../etc/passwd", "symbolic link"),
+        (tarfile.SYMTYPE, "../cat/cat_000.png", "symbolic link"),  # even one inside the archive
+        (tarfile.LNKTYPE, "ds/cat/cat_000.png", "hard link"),
+    ],
+)
+def test_tar_link_members_are_refused(
+    tmp_path: Path, link_type: bytes, linkname: str, why: str
+) -> None:
+    src = _dataset(tmp_path / "build")
+    with tarfile.open(tmp_path / "links.tar.gz", "w:gz") as tf:
+        tf.add(src, arcname="ds")
+        info = tarfile.TarInfo("ds/dog/alias.png")
         info.type = link_type
-        info.linkname = "../../../../etc/passwd" if link_type == tarfile.SYMTYPE else "../x"
+        info.linkname = linkname
         tf.addfile(info)
-    with pytest.raises(UnsafeArchiveError, match="points outside the target folder"):
+    with pytest.raises(UnsafeArchiveError, match=why) as err:
         _build(tmp_path, source="links.tar.gz")
+    assert "'ds/dog/alias.png'" in str(err.value) and "no links" in str(err.value)
     assert not (tmp_path / "data" / "raw" / "links").exists()
 
 
-def test_zip_symlink_escaping_the_target_is_refused(tmp_path: Path) -> None:
+def test_zip_symlink_is_refused_without_reading_it(tmp_path: Path) -> None:
     archive = tmp_path / "links.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        info = zipfile.ZipInfo("cat/evil.png")
-        info.external_attr = (0o120777 << 16) | 0  # a Unix symlink
-        zf.writestr(info, "/etc/passwd")
-    with pytest.raises(UnsafeArchiveError, match="link to absolute path"):
+        _zip_symlink(zf, "cat/evil.png", "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="symbolic link"):
         extract_archive(archive, tmp_path / "out", 10**9)
+    assert not (tmp_path / "out").exists()
 
 
-def test_link_inside_the_archive_is_allowed(tmp_path: Path) -> None:
-    src = _dataset(tmp_path / "build")
-    archive = tmp_path / "ok.tar"
-    with tarfile.open(archive, "w") as tf:
-        tf.add(src, arcname="ds")
-        info = tarfile.TarInfo("ds/dog/alias.png")
-        info.type = tarfile.SYMTYPE
-        info.linkname = "../cat/cat_000.png"
-        tf.addfile(info)
-    df = _build(tmp_path, source="ok.tar")
-    assert len(df) == 5 and (df["error"] == "").all()
+def test_refused_archive_leaves_the_previous_extraction_in_place(tmp_path: Path) -> None:
+    archive = _zip_folder(_dataset(tmp_path / "build"), tmp_path / "pets.zip")
+    target = tmp_path / "raw" / "pets"
+    extract_archive(archive, target, 10**9)
+    before = sorted(p.relative_to(target) for p in target.rglob("*"))
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cat/new.png", b"x")
+        _zip_symlink(zf, "dog/link.png", "../cat/new.png")
+    with pytest.raises(UnsafeArchiveError):
+        extract_archive(archive, target, 10**9)
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+    assert [p.name for p in target.parent.iterdir()] == ["pets"]  # no temporary folder left
 
 
 def test_oversized_archive_is_refused(tmp_path: Path) -> None:
@@ -162,59 +203,11 @@ def test_damaged_archive_is_a_clear_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- HTTP server
 
 
-@dataclass
-class Server:
-    """A local HTTP server that serves `files`, honours Range and can cut a response short."""
-
-    base: str
-    files: dict[str, bytes]
-    requests: list[dict[str, str]] = field(default_factory=list)
-    cut_after: int | None = None  # next full response stops after this many bytes
-
-
 @pytest.fixture()
 def server() -> Iterator[Server]:
-    """Start a threaded http.server on 127.0.0.1 with an ephemeral port."""
-    state = Server("", {})
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # keep test output quiet
-            pass
-
-        def do_GET(self) -> None:
-            state.requests.append({"path": self.path, "range": self.headers.get("Range", "")})
-            data = state.files.get(self.path.lstrip("/"))
-            if data is None:
-                self.send_error(404)
-                return
-            start = 0
-            if rng := self.headers.get("Range"):
-                start = int(rng.removeprefix("bytes=").split("-")[0])
-                if start >= len(data):
-                    self.send_error(416)
-                    return
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            else:
-                self.send_response(200)
-            body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if state.cut_after is not None:
-                body, state.cut_after = body[: state.cut_after], None
-                self.wfile.write(body)
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            self.wfile.write(body)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    """A real HTTP server on 127.0.0.1 serving what the test puts in `files`."""
+    with local_server() as state:
+        yield state
 
 
 @pytest.fixture()
@@ -334,6 +327,113 @@ def test_only_https_is_accepted_except_for_localhost() -> None:
         check_url("http://example.org/a.zip")
     with pytest.raises(DownloadError, match="only https"):
         check_url("ftp://example.org/a.zip")
+
+
+TRAVERSAL = "d/..%2F..%2F..%2Fvictim%2Fimportant.zip"  # decodes to ../../../victim/important.zip
+
+
+@pytest.mark.parametrize("explicit_name", [None, "pets"])
+def test_url_file_name_that_traverses_is_refused_before_anything_is_written(
+    tmp_path: Path, server: Server, pets_zip: bytes, explicit_name: str | None
+) -> None:
+    repo = tmp_path / "repo"
+    victim = tmp_path / "victim" / "important"  # data/raw/downloads/../../../victim/important
+    (victim / "keep.txt").parent.mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious", encoding="utf-8")
+    server.files[TRAVERSAL] = pets_zip
+    spec = {"url": server.base + TRAVERSAL, "sha256": _sha_bytes(pets_zip)}
+    if explicit_name:
+        spec["name"] = explicit_name
+    with pytest.raises(SourceError, match="not a plain file name") as err:
+        _build(repo, source=[spec])
+    assert "../../../victim/important.zip" in str(err.value)
+    assert (victim / "keep.txt").read_text(encoding="utf-8") == "precious"
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["important"]  # no .zip beside it
+    assert not (repo / "victim").exists()  # data/raw/downloads/../../../victim
+    assert server.requests == []  # refused before any download
+
+
+def test_url_names_are_checked_like_explicit_names() -> None:
+    for url in ("https://h.example/%2E%2E", "https://h.example/a/.hidden.zip"):
+        with pytest.raises(SourceError, match="not a plain file name"):
+            resolve_sources(DataConfig(source=url), Path("/nonexistent"))
+    (spec,) = resolve_sources(DataConfig(source="https://h.example/my%20pets.zip"), Path("/x"))
+    assert spec.name == "my pets"  # percent-decoding itself is fine
+
+
+def test_redirect_to_anything_but_https_is_refused(
+    tmp_path: Path, server: Server, pets_zip: bytes
+) -> None:
+    sha = _sha_bytes(pets_zip)
+    server.files["pets.zip"] = pets_zip
+    server.redirects["moved.zip"] = server.base + "pets.zip"  # loopback -> loopback: allowed
+    dest = tmp_path / "moved.zip"
+    download(server.base + "moved.zip", sha, dest, progress=False)
+    assert dest.read_bytes() == pets_zip
+    for target in (f"ftp://127.0.0.1:{_closed_port()}/pets.zip", "http://example.org/pets.zip"):
+        server.redirects["evil.zip"] = target
+        with pytest.raises(DownloadError, match="redirected to") as err:
+            download(server.base + "evil.zip", sha, tmp_path / "evil.zip", progress=False)
+        assert target in str(err.value) and "https" in str(err.value)
+        assert not (tmp_path / "evil.zip").exists()
+
+
+def test_https_may_only_redirect_to_https() -> None:
+    check_redirect("https://example.org/a.zip", "https://cdn.example.org/a.zip")
+    check_redirect("http://127.0.0.1:8000/a.zip", "http://localhost:8000/b.zip")
+    for target in ("http://example.org/a.zip", "http://127.0.0.1/a.zip", "file:///etc/passwd"):
+        with pytest.raises(DownloadError, match="redirected to"):
+            check_redirect("https://example.org/a.zip", target)
+
+
+@pytest.mark.parametrize("send_length", [True, False])
+def test_download_growing_past_max_download_bytes_is_stopped(
+    tmp_path: Path, server: Server, pets_zip: bytes, send_length: bool
+) -> None:
+    server.send_length = send_length
+    src = _url_source(server, pets_zip)
+    limit = len(pets_zip) // 2
+    with pytest.raises(DownloadError, match="max_download_bytes") as err:
+        _build(tmp_path, source=src, max_download_bytes=limit)
+    assert f"{limit:,}" in str(err.value)
+    downloads = tmp_path / "data" / "raw" / "downloads"
+    assert not (downloads / "pets.zip").exists() and not (downloads / "pets.zip.part").exists()
+    assert len(_build(tmp_path, source=src, max_download_bytes=len(pets_zip))) == 6
+
+
+def test_max_download_bytes_is_a_data_parameter() -> None:
+    assert DataConfig().max_download_bytes == 4 * 1024**3
+    with pytest.raises(ValueError, match="max_download_bytes"):
+        DataConfig(max_download_bytes=0)
+
+
+# ----------------------------------------------------------------------------- labels CSV
+
+
+def test_labels_csv_listing_images_outside_the_repository_mirrors_them(tmp_path: Path) -> None:
+    share = tmp_path / "share"  # e.g. a CSV exported from a shared drive
+    cat = fac.png(share / "cat" / "c1.png", seed=1)
+    dog = fac.png(share / "dog" / "d1.png", seed=2)
+    repo = tmp_path / "repo"
+    own = fac.png(repo / "data" / "raw" / "labels" / "fox" / "f1.png", seed=3)  # kept in place
+    unlisted = fac.png(repo / "data" / "raw" / "labels" / "fox" / "f2.png", seed=4)
+    rows = [f"{cat},cat", "../share/dog/d1.png,dog", f"{share / 'gone.png'},cat", f"{own},fox"]
+    (repo / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    df = _build(repo, source="labels.csv").set_index("label", drop=False)
+    assert all(p.startswith("data/raw/labels/") for p in df["path"])
+    assert df.loc["fox", "path"] == "data/raw/labels/fox/f1.png" and own.is_file()
+    ok = df[(df["error"] == "") & (df["label"] != "fox")]
+    assert sorted(ok["label"]) == ["cat", "dog"]
+    for _, row in ok.iterrows():
+        original = cat if row["label"] == "cat" else dog
+        assert (repo / row["path"]).read_bytes() == original.read_bytes()
+        assert row["sha256"] == _sha(original)
+    assert df.loc[df["path"].str.endswith("gone.png"), "error"].tolist() == ["missing file"]
+    cat.unlink()  # gone from the share: its mirror goes too, on the next ingest
+    again = _build(repo, source="labels.csv")
+    assert (again["error"] == "missing file").sum() == 2
+    assert not any((repo / "data" / "raw" / "labels").rglob("c1.png"))
+    assert own.is_file() and unlisted.is_file()  # the user's own files there are never pruned
 
 
 # ----------------------------------------------------------------------------- IDX

@@ -108,6 +108,7 @@ class DataConfig(Strict):
     group: GroupConfig = GroupConfig()
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
     max_archive_bytes: int = Field(4 * 1024**3, gt=0)  # refuse archives that unpack larger
+    max_download_bytes: int = Field(4 * 1024**3, gt=0)  # stop downloads that grow larger
     max_image_pixels: int = Field(89_478_485, gt=0)  # Pillow's decompression-bomb limit
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
     # Multi-label data (docs/multi-label.md): a labels CSV's `label` cell holds several labels

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from imgcls.config import ConfigError
 from imgcls.errors import ImgclsError
+from imgcls.io import disk_full_message, free_bytes, is_disk_full
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -29,6 +31,25 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except (ImgclsError, ConfigError) as err:
         print(f"\n{name} failed: {err}", file=sys.stderr)
         sys.exit(1)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        # A writer outside imgcls.io (a library's own) ran out of space: say so in English.
+        where = err.filename2 or err.filename  # copyfile: filename2 is the destination
+        print(f"\n{name} failed: {_full_disk(where)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"\n{name} interrupted; earlier outputs are unchanged", file=sys.stderr)
         sys.exit(130)
+
+
+def _full_disk(where: str | bytes | int | None) -> str:
+    """The disk-full message for the file the OS error named, or for the current folder."""
+    if isinstance(where, str | bytes):
+        return disk_full_message(os.fsdecode(where), atomic=False)
+    free = free_bytes(os.getcwd())
+    have = f"{free:,} bytes free in {os.getcwd()}" if free is not None else "free space unknown"
+    return (
+        f"a write failed: no space left on the disk ({have}). Free some space (df -h shows which "
+        "filesystem), then run again."
+    )

@@ -162,7 +162,11 @@ def _relative(path: str, root: str) -> str:
     else:
         rel = os.path.relpath(path, root)
     if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
-        raise ImgclsError(f"{path}: image is outside the repository root {root}; this is a bug")
+        raise ImgclsError(
+            f"{path}: image is outside the repository root {root}, and manifest paths are "
+            "relative to it. Sources outside it are mirrored into data/raw/ (folders, labels "
+            "CSVs); copy this image under the repository or list it in a labels CSV."
+        )
     return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 

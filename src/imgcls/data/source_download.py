@@ -2,7 +2,9 @@
 
 A download is written to `<name>.part`, resumed with an HTTP Range request after an interruption,
 verified against the expected SHA-256 and only then renamed to its final name. A mismatch deletes
-the bad file; nothing downstream is touched before verification succeeds.
+the bad file; nothing downstream is touched before verification succeeds. A redirect is followed
+only to https (plain http only from localhost to localhost), and a download that announces or
+grows past `max_bytes` (`data.max_download_bytes`) is stopped and its partial file deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from tqdm import tqdm
 
 from imgcls.data.imageinfo import sha256_file
 from imgcls.errors import ImgclsError
+from imgcls.io import (
+    DiskFullError,
+    disk_full_message,
+    ensure_free_space,
+    explain_disk_full,
+    is_disk_full,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CHUNK = 1 << 16
 TIMEOUT_S = 60.0
+MAX_DOWNLOAD_BYTES = 4 * 1024**3  # the default of data.max_download_bytes
 
 
 class DownloadError(ImgclsError):
@@ -52,10 +62,36 @@ def check_url(url: str) -> None:
     )
 
 
+def check_redirect(url: str, new_url: str) -> None:
+    """Refuse a redirect to anything but https (http only from localhost to localhost)."""
+    new = urlparse(new_url)
+    if new.scheme == "https" and new.hostname:
+        return
+    old = urlparse(url)
+    local = old.scheme == "http" and old.hostname in LOCAL_HOSTS and new.hostname in LOCAL_HOSTS
+    if new.scheme == "http" and local:
+        return
+    raise DownloadError(
+        f"{url}: the server redirected to {new_url}, which was refused: a download is only "
+        "redirected to https:// (plain http only from localhost to localhost), so that an https "
+        "source never turns into an unencrypted one. If that address is right, put it in "
+        "data.source yourself."
+    )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, with every new location checked by :func:`check_redirect`."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        """Check the new location before following it."""
+        check_redirect(req.full_url, newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def url_filename(url: str) -> str:
-    """The last path component of a URL, used as the cached file's name."""
-    name = unquote(Path(urlparse(url).path).name)
-    if not name or name in (".", ".."):
+    """The last path component of a URL, percent-decoded (callers must check it is plain)."""
+    name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+    if not name:
         raise DownloadError(f"{url}: the URL does not end in a file name; give the full file URL")
     return name
 
@@ -85,7 +121,8 @@ def _known_digest(path: Path) -> str:
     except (OSError, ValueError):
         pass
     digest = sha256_file(path)
-    side.write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n", encoding="utf-8")
+    with explain_disk_full(side):
+        side.write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n", encoding="utf-8")
     return digest
 
 
@@ -114,10 +151,29 @@ def _open(url: str, offset: int) -> http.client.HTTPResponse:
     headers = {"User-Agent": "imgcls-ingest"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    request = urllib.request.Request(url, headers=headers)
+    opener = urllib.request.build_opener(_CheckedRedirects)  # per call: proxies from the env now
+    return opener.open(request, timeout=TIMEOUT_S)  # type: ignore[return-value]
 
 
-def _fetch(url: str, part: Path, *, progress: bool) -> None:
+def _too_big(url: str, part: Path, size: int, limit: int, *, announced: bool) -> DownloadError:
+    """Delete the partial file and build the error for a download above the size cap."""
+    part.unlink(missing_ok=True)
+    what = f"announces {size:,} bytes" if announced else f"grew past {size:,} bytes"
+    return DownloadError(
+        f"{url}: the download {what}, more than data.max_download_bytes = {limit:,}; it was "
+        "stopped and the partial file deleted. If you trust this source and expect a file this "
+        "big, raise data.max_download_bytes in params.yaml."
+    )
+
+
+def _disk_full(part: Path, needed: int | None) -> DiskFullError:
+    """Delete the partial file (it fills the disk) and build the disk-full error."""
+    part.unlink(missing_ok=True)
+    return DiskFullError(disk_full_message(part, needed) + " The partial download was deleted.")
+
+
+def _fetch(url: str, part: Path, *, progress: bool, max_bytes: int) -> None:
     """Download `url` into `part`, appending to what is already there when the server allows."""
     offset = part.stat().st_size if part.exists() else 0
     try:
@@ -131,29 +187,65 @@ def _fetch(url: str, part: Path, *, progress: bool) -> None:
             offset = 0
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with (
-            open(part, "ab" if offset else "wb") as fh,
-            tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=url_filename(url),
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar,
-        ):
-            received = offset
-            while chunk := resp.read(CHUNK):
-                fh.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        if total is not None and total > max_bytes:
+            raise _too_big(url, part, total, max_bytes, announced=True)
+        if total is not None:
+            try:
+                ensure_free_space(part, total - offset)
+            except DiskFullError:
+                raise _disk_full(part, total - offset) from None
+        try:
+            received = _stream(resp, part, offset, total, max_bytes, progress)
+        except OSError as err:
+            if is_disk_full(err):
+                raise _disk_full(part, None if total is None else total - offset) from None
+            raise
+        if received > max_bytes:
+            raise _too_big(url, part, max_bytes, max_bytes, announced=False)
         if total is not None and received < total:
             raise http.client.IncompleteRead(b"", total - received)
 
 
-def download(url: str, sha256: str | None, dest: Path, *, progress: bool = True) -> Path:
+def _stream(
+    resp: http.client.HTTPResponse,
+    part: Path,
+    offset: int,
+    total: int | None,
+    max_bytes: int,
+    progress: bool,
+) -> int:
+    """Append the response body to `part`, stopping one byte past `max_bytes`; bytes held."""
+    # O_NOFOLLOW: a link planted at the .part path is an error, never a way to write elsewhere.
+    mode = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if offset else os.O_TRUNC)
+    with (
+        os.fdopen(os.open(part, mode, 0o666), "ab" if offset else "wb") as fh,
+        tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        received = offset
+        while received <= max_bytes and (chunk := resp.read(min(CHUNK, max_bytes + 1 - received))):
+            fh.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
+
+
+def download(
+    url: str,
+    sha256: str | None,
+    dest: Path,
+    *,
+    progress: bool = True,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> Path:
     """Make `dest` hold the verified contents of `url`, downloading or resuming as needed."""
     check_url(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +257,7 @@ def download(url: str, sha256: str | None, dest: Path, *, progress: bool = True)
     if resumed_from:
         log.info("resuming %s from byte %d", url, resumed_from)
     try:
-        _fetch(url, part, progress=progress)
+        _fetch(url, part, progress=progress, max_bytes=max_bytes)
     except urllib.error.HTTPError as err:
         raise DownloadError(
             f"{url}: the server answered HTTP {err.code} {err.reason}. Check the URL. "

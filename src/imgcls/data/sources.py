@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import stat
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -24,12 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from imgcls.config import DataConfig, GroupConfig, SourceSpec
 from imgcls.data.imageinfo import write_png_chunk
-from imgcls.data.source_archive import archive_stem, extract_archive, is_archive
+from imgcls.data.source_archive import (
+    archive_stem,
+    extract_archive,
+    is_archive,
+    swap_into_place,
+)
 from imgcls.data.source_download import download, url_filename
 from imgcls.errors import ImgclsError
+from imgcls.io import explain_disk_full
 from imgcls.task import LABEL_SEP, join_labels
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,7 @@ PRESETS = ("rps", "fashion-mnist")
 # Error (quarantine reason) of a multi-label row whose label holds the reserved joiner "|".
 RESERVED_SEP_ERROR = f"label contains '{LABEL_SEP}' (reserved to join labels)"
 MAX_LOGGED_LINES = 5  # CSV line numbers named per warning
+ABS_DIR = "_abs"  # data/raw/<csv source>/_abs/<absolute path>: mirrors of images listed by path
 
 
 class SourceError(ImgclsError):
@@ -154,12 +163,39 @@ def _infer_kind(spec: SourceSpec, root: Path) -> str:
     return "idx" if _looks_like_idx_dir(path) else "folder"
 
 
+def _unplain(spec: SourceSpec, name: str, what: str) -> SourceError:
+    """The error for a name that is not a plain folder / file name under data/raw/."""
+    where = spec.url or spec.path or spec.preset or spec.kind
+    return SourceError(
+        f"data.source {where}: {what} {name!r} is not a plain file name (it must not be empty, "
+        "contain '/', '\\' or control characters, start with a dot, or be "
+        f"{DOWNLOADS!r}), so it could put files outside data/raw/. Give the source a plain "
+        "`name:`; for a URL, download the file yourself and point `path:` at it."
+    )
+
+
+def checked_name(spec: SourceSpec, name: str, what: str = "the name") -> str:
+    """`name` if it is a plain name by the same rule as an explicit `name:`; else raise."""
+    try:
+        SourceSpec.model_validate({**spec.model_dump(exclude_unset=True), "name": name})
+    except ValidationError:
+        raise _unplain(spec, name, what) from None
+    if name == DOWNLOADS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise _unplain(spec, name, what)
+    return name
+
+
+def url_file_name(spec: SourceSpec) -> str:
+    """The checked, percent-decoded file name at the end of a url source's URL."""
+    return checked_name(spec, url_filename(str(spec.url)), "the file name taken from its URL")
+
+
 def _default_name(spec: SourceSpec) -> str:
     """Folder name under data/raw/ for a source without an explicit `name`."""
     if spec.kind == "digits":
         return "digits"
     if spec.kind == "url":
-        return archive_stem(url_filename(str(spec.url)))
+        return archive_stem(url_file_name(spec))
     path = Path(str(spec.path))
     if spec.kind == "csv":
         return path.stem
@@ -222,8 +258,13 @@ def resolve_sources(cfg: DataConfig, root: Path) -> list[SourceSpec]:
         if spec.kind == "preset":
             out.extend(expand_preset(spec, cfg.group))
             continue
+        if spec.kind == "url":
+            url_file_name(spec)  # refuse a traversing URL even when the source has a `name:`
         if spec.name is None:
-            spec = spec.model_copy(update={"name": _default_name(spec)})
+            name = checked_name(spec, _default_name(spec), "the name derived from it")
+            spec = spec.model_copy(update={"name": name})
+        else:
+            checked_name(spec, spec.name)
         out.append(spec)
     names = Counter(s.name for s in out)
     if clash := [n for n, c in names.items() if c > 1]:
@@ -347,28 +388,51 @@ def _inside(path: Path, root: Path) -> bool:
     return os.path.commonpath([path, root]) == str(root)
 
 
+def _mirror_file(src: str, dst: Path) -> None:
+    """Make `dst` a copy of the file `src` (a hard link where possible; kept when unchanged)."""
+    st = os.stat(src)
+    try:
+        old = os.lstat(dst)
+    except FileNotFoundError:
+        old = None
+    if old is not None:
+        if stat.S_ISREG(old.st_mode) and (old.st_size, old.st_mtime_ns) == (
+            st.st_size,
+            st.st_mtime_ns,
+        ):
+            return
+        os.unlink(dst)  # also a link someone left there: never write through it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: copy (keeps mtime)
+        shutil.copy2(src, dst)
+
+
+def _prune(folder: Path, wanted: set[Path]) -> None:
+    """Delete the files under `folder` that are not in `wanted` (gone from the source)."""
+    for name in list(_walk_files(folder)):
+        if Path(name) not in wanted:
+            os.unlink(name)
+
+
 def mirror_folder(src: Path, dst: Path) -> None:
     """Make `dst` an up-to-date copy of `src` (hard links where possible; unchanged files kept)."""
     wanted: set[Path] = set()
-    for name in _walk_files(src):
-        path = Path(name)
-        rel = path.relative_to(src)
-        wanted.add(rel)
-        out = dst / rel
-        st = path.stat()
-        if out.exists():
-            ost = out.stat()
-            if ost.st_size == st.st_size and ost.st_mtime_ns == st.st_mtime_ns:
-                continue
-            out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, out)
-        except OSError:  # another filesystem, or links not allowed: copy (keeps mtime)
-            shutil.copy2(path, out)
-    for name in list(_walk_files(dst)):
-        if Path(name).relative_to(dst) not in wanted:
-            os.unlink(name)
+    with explain_disk_full(dst):
+        for name in _walk_files(src):
+            out = dst / Path(name).relative_to(src)
+            _mirror_file(name, out)
+            wanted.add(out)
+        _prune(dst, wanted)
+
+
+def under(folder: Path, name: str, spec: SourceSpec) -> Path:
+    """`folder/name`, after checking that it resolves to a direct child of `folder`."""
+    path = folder / name
+    if os.path.realpath(path.parent) != os.path.realpath(folder) or path.name != name:
+        raise _unplain(spec, name, "the name")  # belt and braces: checked_name refused it earlier
+    return path
 
 
 def _local_folder(spec: SourceSpec, path: Path, root: Path, raw_dir: Path) -> Path:
@@ -377,7 +441,7 @@ def _local_folder(spec: SourceSpec, path: Path, root: Path, raw_dir: Path) -> Pa
         raise SourceError(f"data.source {spec.path!r}: {path} is not a folder")
     if _inside(path, root):
         return path
-    target = raw_dir / str(spec.name)
+    target = under(raw_dir, str(spec.name), spec)
     log.info("mirroring %s -> %s (it is outside the repository)", path, target)
     mirror_folder(path, target)
     return target
@@ -473,23 +537,55 @@ def read_labels_csv(
     return files
 
 
+def _mirror_path(path: str, images_root: Path, target: Path) -> Path:
+    """Mirror path of an outside image: as under the CSV's root, else `_abs/<absolute path>`."""
+    if _inside(Path(path), images_root):
+        return target / os.path.relpath(path, images_root)
+    return target / ABS_DIR / Path(path).relative_to(Path(path).anchor)
+
+
+def mirror_outside(
+    files: list[FoundFile], root: Path, images_root: Path, target: Path
+) -> list[FoundFile]:
+    """Mirror the listed images that lie outside the repository into `target` (under data/raw)."""
+    out: list[FoundFile] = []
+    keep: set[Path] = set()  # mirrored files, and listed files that already live under target
+    wanted: set[Path] = set()
+    with explain_disk_full(target):
+        for f in files:
+            if _inside(Path(f.path), root):
+                keep.add(Path(f.path))
+                out.append(f)
+                continue
+            dst = _mirror_path(f.path, images_root, target)
+            if os.path.isfile(f.path):
+                _mirror_file(f.path, dst)
+                wanted.add(dst)
+            out.append(FoundFile(str(dst), f.label, f.source_split, f.group, f.error))
+        # Delete stale mirrors only where this source owns the files: all of `target` when the
+        # CSV's root is outside the repository (as an outside folder's mirror), else `_abs/`
+        # (a CSV may list images the user keeps in data/raw/<name>/ itself).
+        owned = target if not _inside(images_root, root) else target / ABS_DIR
+        _prune(owned, wanted | keep)
+    if wanted:
+        log.info("mirrored %d image(s) from outside the repository into %s", len(wanted), target)
+    return out
+
+
 def _csv_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path) -> list[FoundFile]:
-    """Files listed in a labels CSV (their folder mirrored into data/raw when outside the repo)."""
+    """Files listed in a labels CSV; those outside the repository are mirrored into data/raw."""
     csv_path = root / str(spec.path)
     if not csv_path.is_file():
         raise SourceError(f"data.source {spec.path!r}: labels CSV {csv_path} does not exist")
-    images_root = root / spec.root if spec.root else csv_path.parent
-    if not _inside(images_root, root):
-        target = raw_dir / str(spec.name)
-        mirror_folder(images_root, target)
-        images_root = target
-    return read_labels_csv(
+    images_root = Path(os.path.normpath(root / spec.root if spec.root else csv_path.parent))
+    files = read_labels_csv(
         csv_path,
         images_root,
         cfg.group.column,
         multi_label=cfg.multi_label,
         separator=cfg.label_separator,
     )
+    return mirror_outside(files, root, images_root, under(raw_dir, str(spec.name), spec))
 
 
 def _reserved_folder_labels(files: list[FoundFile], where: Path) -> list[FoundFile]:
@@ -563,12 +659,11 @@ def write_pngs(
         for i, label in enumerate(labels)
     ]
     try:
-        _write_all(tmp, names, images, workers)
-        marker = {"fingerprint": fingerprint, "files": len(images)}
-        (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with explain_disk_full(target):
+            _write_all(tmp, names, images, workers)
+            marker = {"fingerprint": fingerprint, "files": len(images)}
+            (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+            swap_into_place(tmp, target)  # the previous folder survives a failure
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -586,7 +681,7 @@ def _digits_source(spec: SourceSpec, raw_dir: Path) -> Path:
     """Write the digits as PNG files (once) and return their folder."""
     import sklearn
 
-    target = raw_dir / str(spec.name)
+    target = under(raw_dir, str(spec.name), spec)
     fingerprint = {
         "generator": "digits",
         "version": GENERATOR_VERSION,
@@ -657,24 +752,29 @@ def _idx_fingerprint(pairs: list[tuple[str, Path, Path]], classes: list[str] | N
     return {"generator": "idx", "version": GENERATOR_VERSION, "files": files, "classes": classes}
 
 
-def _fetch_fashion(spec: SourceSpec, raw_dir: Path, progress: bool) -> Path:
+def _fetch_fashion(spec: SourceSpec, raw_dir: Path, progress: bool, max_bytes: int) -> Path:
     """Download the canonical Fashion-MNIST IDX files (verified) into data/raw/downloads/."""
-    folder = raw_dir / DOWNLOADS / str(spec.name)
+    folder = under(raw_dir / DOWNLOADS, str(spec.name), spec)
     for fname, digest in FASHION_FILES.items():
-        download(str(spec.url) + fname, digest, folder / fname, progress=progress)
+        download(
+            str(spec.url) + fname, digest, folder / fname, progress=progress, max_bytes=max_bytes
+        )
     return folder
 
 
-def _idx_source(spec: SourceSpec, root: Path, raw_dir: Path, progress: bool, workers: int) -> Path:
+def _idx_source(
+    spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path, progress: bool
+) -> Path:
     """Write IDX images as PNG files `<name>/<split>/<label>/<index>.png` (once)."""
+    workers = worker_count(cfg.workers)
     if spec.path:
         folder = root / spec.path
     elif spec.url == FASHION_BASE:  # only the fashion-mnist preset has digests for its files
-        folder = _fetch_fashion(spec, raw_dir, progress)
+        folder = _fetch_fashion(spec, raw_dir, progress, cfg.max_download_bytes)
     else:
         raise SourceError(f"data.source {spec.name!r}: an idx source needs `path` (a folder)")
     pairs = find_idx_pairs(folder)
-    target = raw_dir / str(spec.name)
+    target = under(raw_dir, str(spec.name), spec)
     fingerprint = _idx_fingerprint(pairs, spec.classes)
     if _generated_is_current(target, fingerprint):
         return target
@@ -713,7 +813,7 @@ def _archive_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path
     archive = root / str(spec.path)
     if not archive.is_file():
         raise SourceError(f"data.source {spec.path!r}: archive {archive} does not exist")
-    target = raw_dir / str(spec.name)
+    target = under(raw_dir, str(spec.name), spec)
     extract_archive(archive, target, cfg.max_archive_bytes)
     return target
 
@@ -721,14 +821,15 @@ def _archive_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path
 def _url_source(spec: SourceSpec, cfg: DataConfig, raw_dir: Path, progress: bool) -> Path:
     """Download (or resume, or reuse) a verified archive, then extract it into data/raw/<name>/."""
     url = str(spec.url)
-    fname = url_filename(url)
+    fname = url_file_name(spec)
     if not is_archive(fname):
         raise SourceError(
             f"data.source {url}: only archives (.zip, .tar, .tar.gz, .tgz) can be downloaded as a "
             "source; pack single files into an archive"
         )
-    archive = download(url, spec.sha256, raw_dir / DOWNLOADS / fname, progress=progress)
-    target = raw_dir / str(spec.name)
+    dest = under(raw_dir / DOWNLOADS, fname, spec)
+    archive = download(url, spec.sha256, dest, progress=progress, max_bytes=cfg.max_download_bytes)
+    target = under(raw_dir, str(spec.name), spec)
     extract_archive(archive, target, cfg.max_archive_bytes)
     return target
 
@@ -751,7 +852,7 @@ def materialise(
         elif spec.kind == "digits":
             folder = _digits_source(spec, raw_dir)
         elif spec.kind == "idx":
-            folder = _idx_source(spec, root, raw_dir, progress, worker_count(cfg.workers))
+            folder = _idx_source(spec, cfg, root, raw_dir, progress)
         else:  # pragma: no cover - resolve_sources leaves no other kind
             raise SourceError(f"data.source: cannot materialise a source of kind {spec.kind!r}")
         scan = scan_folder(folder, cfg.extensions, spec.split)

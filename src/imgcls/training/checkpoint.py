@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,18 @@ from imgcls.io import atomic_path
 
 
 def save(path: Path | str, payload: dict[str, Any]) -> None:
-    """torch.save to a temp file in the same folder, then rename over `path`."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Serialise in memory, check the free space, write a temp file, then rename over `path`.
+
+    Serialising first tells how many bytes are needed before a byte is written, and a full disk
+    then fails in plain file I/O (one DiskFullError) rather than inside torch's C++ writer.
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    with atomic_path(path, needed=len(data)) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())  # delayed allocation may report ENOSPC only here
 
 
 def load(path: Path | str) -> dict[str, Any]:
