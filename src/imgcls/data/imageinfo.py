@@ -103,11 +103,33 @@ def open_image(source: Path | str | IO[bytes], max_pixels: int) -> Iterator[Imag
     try:
         img = Image.open(source, formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise _too_large(_bomb_pixels(err), max_pixels) from None
+        raise _too_large(_header_size(source) or _bomb_pixels(err), max_pixels) from None
     with img:
         # Also checked here: another thread may have reset the warning filter (catch_warnings).
         check_pixels(img.width, img.height, max_pixels)
         yield img
+
+
+def _header_size(source: Path | str | IO[bytes]) -> str | None:
+    """'WxH' as the header claims, read without Pillow's bomb check (for the message only)."""
+    try:
+        fh = open(source, "rb") if isinstance(source, str | Path) else source  # noqa: SIM115
+        try:
+            fh.seek(0)
+            prefix = fh.read(16)
+            for fmt in IMAGE_FORMATS:
+                factory, accept = Image.OPEN[fmt]
+                found = accept(prefix) if accept is not None else True
+                if found and not isinstance(found, str):  # a str is Pillow's "almost" warning
+                    fh.seek(0)
+                    width, height = factory(fh, "").size  # parses the header; decodes nothing
+                    return f"{width}x{height}"
+        finally:
+            if fh is not source:
+                fh.close()
+    except Exception:  # the size is only a nicer message; Pillow's pixel count will do
+        return None
+    return None
 
 
 def _bomb_pixels(err: BaseException) -> str:
