@@ -168,3 +168,18 @@ def test_the_bundle_path_of_both_imgcls_flavours_is_found() -> None:
     pytorch = {"pytorch": {"extra_files": [{"path": "extra_files/model.pt"}]}}
     assert bundle_artifact(SimpleNamespace(flavors=serving)) == "artifacts/best.pt"
     assert bundle_artifact(SimpleNamespace(flavors=pytorch)) == "extra_files/model.pt"
+
+
+@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_path": "/etc/hostname"}])
+def test_a_model_file_cannot_make_loading_read_or_download_other_weights(
+    tmp_path: Path, kwargs: dict
+) -> None:
+    """The constructor arguments in a model file's metadata are the author's too."""
+    from imgcls.models.bundle import load_bundle, save_bundle
+    from imgcls.models.registry import ModelError, create_model
+
+    net = create_model("simple_cnn", in_chans=1, num_classes=2, image_size=16)
+    meta = {**META, "mean": [0.5], "std": [0.2], "model_kwargs": kwargs}
+    save_bundle(tmp_path / "model.pt", net, meta)
+    with pytest.raises(ModelError, match="would load weights from elsewhere"):
+        load_bundle(tmp_path / "model.pt")

@@ -219,6 +219,11 @@ def test_mlflow_models_serve_answers_http_with_probabilities(tracking_env: dict)
         assert status == 400 and "needs one of the keys" in body["message"] + body.get(
             "stack_trace", ""
         )
+
+        # The model's limits hold over HTTP: the whole request is refused before any decoding.
+        status, body = _post(url, {"inputs": [_b64(png)] * 1025})
+        assert status == 400
+        assert "1025 in one request > max_request_items (1024)" in body.get("stack_trace", "")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn child)
         try:
