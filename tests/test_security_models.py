@@ -115,7 +115,7 @@ def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         model_dir = build(tmp_path / f"src-{kind}", marker)
         return _register(tmp_path, f"hostile-{kind}", model_dir, monkeypatch)
 
-    yield SimpleNamespace(register=register, marker=marker)
+    yield SimpleNamespace(register=register, marker=marker, monkeypatch=monkeypatch)
     assert not marker.exists(), "loading the registered model ran its author's code"
     assert sys.path == path_before and "evil_code" not in sys.modules
 
@@ -183,3 +183,35 @@ def test_a_model_file_cannot_make_loading_read_or_download_other_weights(
     save_bundle(tmp_path / "model.pt", net, meta)
     with pytest.raises(ModelError, match="would load weights from elsewhere"):
         load_bundle(tmp_path / "model.pt")
+
+
+def test_a_trusted_serving_folder_keeps_the_weights_and_drops_the_authors_code(
+    hostile, tmp_path: Path
+) -> None:
+    """`python -m imgcls.serving URI FOLDER`: serve imgcls's code with the registry's weights."""
+    import base64
+    import io
+
+    import mlflow.pyfunc
+
+    from imgcls.models.bundle import save_bundle
+    from imgcls.models.registry import create_model
+    from imgcls.serving import _CODE, main
+
+    model_dir = _pyfunc_model_dir(tmp_path / "src", hostile.marker)
+    net = create_model("simple_cnn", in_chans=1, num_classes=2, image_size=16)
+    save_bundle(model_dir / "artifacts/model.pt", net, {**META, "mean": [0.5], "std": [0.2]})
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["python_model"] = "evil.py"  # models-from-code
+    (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    (model_dir / "evil.py").write_text(f"open({str(hostile.marker)!r}, 'w').write('code ran')\n")
+    uri = _register(tmp_path, "weights-with-code", model_dir, hostile.monkeypatch)
+
+    main([uri, str(tmp_path / "served")])
+    scripts = list((tmp_path / "served").rglob("*.py"))
+    assert [p.read_text() for p in scripts] == [_CODE]  # imgcls's script, not evil.py
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buf, format="PNG")
+    served = mlflow.pyfunc.load_model(str(tmp_path / "served"))
+    (row,) = served.predict([base64.b64encode(buf.getvalue()).decode()])
+    assert row["error"] is None and set(row["probabilities"]) == {"a", "b"}

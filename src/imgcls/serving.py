@@ -37,7 +37,7 @@ from PIL import Image
 from imgcls.data.dataset import load_image
 from imgcls.data.imageinfo import check_pixels
 from imgcls.errors import ImgclsError
-from imgcls.models.bundle import DEFAULT_LIMITS, limits_of, load_bundle
+from imgcls.models.bundle import DEFAULT_LIMITS, ImageClassifier, limits_of, load_bundle
 from imgcls.predict import decode_error
 from imgcls.task import decided_labels, split_labels, task_of
 
@@ -334,43 +334,82 @@ def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     `torch.load(weights_only=True)`. A pickled `model.pth` and the model's code folder are never
     downloaded, unpickled or put on `sys.path`, so a registered model cannot run code here.
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        local, rel = download_bundle(uri, Path(tmp))
+        return _load_downloaded(uri, local, rel)
+
+
+def download_bundle(uri: str, dest: Path) -> tuple[Path, str]:
+    """Download only the MLmodel file and the imgcls model file it names into `dest`.
+
+    Returns (local path, its path inside the logged model). Nothing is loaded or run.
+    """
     from mlflow.models import Model
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     # A per-file download bar for a local model only clutters `imgcls predict`'s output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        repo = get_artifact_repository(uri)
+        mlmodel = Model.load(repo.download_artifacts("MLmodel", str(dest)))
+    except Exception as err:  # mlflow raises many types for a bad URI / unreachable store
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise ServingError(
+            f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check "
+            "the URI (runs:/<run_id>/model or models:/<name>/<version>) and "
+            "MLFLOW_TRACKING_URI"
+        ) from None
+    try:
+        rel = bundle_artifact(mlmodel)
+    except (AttributeError, TypeError):  # an MLmodel whose flavours are not mappings
+        rel = None
+    if rel is None:
+        raise ServingError(
+            f"{uri}: this logged model holds no imgcls model file ({BUNDLE_NAME}); imgcls "
+            "loads nothing else (a pickled model could run its author's code). Models "
+            "logged before imgcls stopped unpickling: use runs:/<run_id>/serving of the "
+            "same run, or --model models/model.pt"
+        )
+    try:
+        return Path(repo.download_artifacts(rel, str(dest))), rel
+    except Exception as err:
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise ServingError(
+            f"{uri}: cannot download {rel} ({type(err).__name__}: {first})"
+        ) from None
+
+
+def _load_downloaded(uri: str, local: Path, rel: str) -> tuple[ImageClassifier, dict[str, Any]]:
+    """load_bundle, with errors that name the model URI instead of a temporary folder."""
+    try:
+        return load_bundle(local)
+    except ImgclsError as err:
+        raise ServingError(str(err).replace(str(local), f"{uri} ({rel})")) from None
+
+
+def save_trusted_serving_model(uri: str, dest: Path) -> Path:
+    """Rebuild a servable model folder from only the model file inside a logged model.
+
+    `mlflow models serve -m models:/...` runs whatever Python the registered model names (for
+    imgcls's own, a two-line script). Serve `dest` instead, and only imgcls's code runs: the
+    folder holds this imgcls's script and the weights-only model file, checked by loading it.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise ServingError(f"{dest} already exists; give a new folder for the serving model")
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            repo = get_artifact_repository(uri)
-            mlmodel = Model.load(repo.download_artifacts("MLmodel", tmp))
-        except Exception as err:  # mlflow raises many types for a bad URI / unreachable store
-            first = (str(err).splitlines() or [""])[0][:300]
-            raise ServingError(
-                f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check "
-                "the URI (runs:/<run_id>/model or models:/<name>/<version>) and "
-                "MLFLOW_TRACKING_URI"
-            ) from None
-        try:
-            rel = bundle_artifact(mlmodel)
-        except (AttributeError, TypeError):  # an MLmodel whose flavours are not mappings
-            rel = None
-        if rel is None:
-            raise ServingError(
-                f"{uri}: this logged model holds no imgcls model file ({BUNDLE_NAME}); imgcls "
-                "loads nothing else (a pickled model could run its author's code). Models "
-                "logged before imgcls stopped unpickling: use runs:/<run_id>/serving of the "
-                "same run, or --model models/model.pt"
-            )
-        try:
-            local = repo.download_artifacts(rel, tmp)
-            return load_bundle(local)
-        except ImgclsError as err:
-            raise ServingError(str(err).replace(str(local), f"{uri} ({rel})")) from None
-        except Exception as err:
-            first = (str(err).splitlines() or [""])[0][:300]
-            raise ServingError(
-                f"{uri}: cannot download {rel} ({type(err).__name__}: {first})"
-            ) from None
+        local, rel = download_bundle(uri, Path(tmp))
+        _, meta = _load_downloaded(uri, local, rel)
+        code = Path(tmp) / "imgcls_serving_model.py"
+        code.write_text(_CODE, encoding="utf-8")
+        mlflow.pyfunc.save_model(
+            path=str(dest),
+            python_model=str(code),
+            artifacts={MODEL_ARTIFACT: str(local)},
+            metadata={**meta, "imgcls_source": uri},
+            pip_requirements=_pip_requirements(),
+        )
+    return dest
 
 
 def bundle_artifact(mlmodel: Any) -> str | None:
@@ -392,3 +431,27 @@ def bundle_artifact(mlmodel: Any) -> str | None:
         if not path.is_absolute() and ".." not in path.parts and "\\" not in rel:
             return rel
     return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m imgcls.serving URI FOLDER`: see :func:`save_trusted_serving_model`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m imgcls.serving",
+        description="Write a servable MLflow model folder from only the weights-only model file "
+        "of a logged model; then: mlflow models serve -m FOLDER --env-manager local",
+    )
+    parser.add_argument("uri", help="runs:/<run_id>/serving or models:/<name>/<version>")
+    parser.add_argument("folder", type=Path, help="new folder to write")
+    args = parser.parse_args(argv)
+    try:
+        print(save_trusted_serving_model(args.uri, args.folder))
+    except ImgclsError as err:
+        print(f"python -m imgcls.serving: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
