@@ -28,10 +28,10 @@ from imgcls.errors import ImgclsError
 from imgcls.models.bundle import limits_of, load_bundle
 from imgcls.task import Task, decided_labels, task_of
 
-# What a folder is searched for; a file named explicitly is tried whatever its suffix.
+# What a folder is searched for: the suffixes of the formats imgcls decodes (imageinfo's
+# IMAGE_FORMATS); a file named explicitly is tried whatever its suffix.
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp"}
-    | {".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".qoi"}
 )
 PROGRESS_MIN_FILES = 64  # smaller jobs finish before a bar is worth drawing
 
