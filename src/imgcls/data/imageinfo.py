@@ -38,7 +38,7 @@ IN_MEMORY_MAX = 32 << 20  # files up to this size are read once into memory
 DEFAULT_MAX_PIXELS = 89_478_485
 # High-bit-depth modes (Pillow's 16-bit variants, 32-bit int, 32-bit float) that are rescaled.
 HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-_RESCALE_ROWS_PIXELS = 1 << 20  # float64 work buffer of at most 8 MB, whatever the image size
+_RESCALE_ROWS_PIXELS = 1 << 19  # float64 work buffer of at most 4 MB, whatever the image size
 
 # Empty fields for a file that could not be decoded.
 _UNDECODED: dict[str, Any] = {
@@ -144,17 +144,22 @@ def rescale_to_uint8(im: Image.Image, *, subtract_min: bool) -> Image.Image:
     `subtract_min`: map [min, max] to [0, 255] (hashing); else [0, max] to [0, 255], negative
     values clipped (training / predicting). The result equals doing it in float64 at once.
     """
-    arr = np.asarray(im)  # (H, W) native dtype: uint16 / int32 / float32, no float64 copy
-    if arr.size == 0:
-        return Image.new("L", im.size)
-    lo = float(arr.min()) if subtract_min else 0.0
-    hi = float(arr.max())
-    out = np.zeros(arr.shape, np.uint8)  # (H, W)
+    width, height = im.size
+    out = np.zeros((height, width), np.uint8)  # (H, W)
+    if out.size == 0:
+        return Image.fromarray(out, mode="L")
+    rows = max(1, _RESCALE_ROWS_PIXELS // width)
+    boxes = [(0, r, width, min(height, r + rows)) for r in range(0, height, rows)]
+    # (rows, W) blocks: only one block at a time is copied out of Pillow (np.asarray of the
+    # whole image would hold two copies of it at once; getextrema refuses I;16B / I;16N).
+    blocks = (np.asarray(im.crop(box)) for box in boxes)
+    low, high = zip(*((b.min(), b.max()) for b in blocks), strict=True)
+    lo = float(min(low)) if subtract_min else 0.0
+    hi = float(max(high))
     if hi > lo:
         scale = 255.0 / (hi - lo)
-        rows = max(1, _RESCALE_ROWS_PIXELS // max(1, arr.shape[1]))
-        for r in range(0, arr.shape[0], rows):
-            block = arr[r : r + rows].astype(np.float64)  # (rows, W)
+        for r, box in zip(range(0, height, rows), boxes, strict=True):
+            block = np.asarray(im.crop(box), dtype=np.float64)
             block -= lo
             block *= scale
             np.clip(block, 0, 255, out=block)
