@@ -246,6 +246,7 @@ def test_model_uri_loads_the_train_stage_logged_model(trained, tmp_path) -> None
         input_example=np.asarray(data.images[:2]),
         metadata=meta,
         registered_name=name,
+        bundle=model,
     )
     assert run.not_logged == []
     files = _test_files(root, data)

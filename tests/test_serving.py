@@ -219,6 +219,11 @@ def test_mlflow_models_serve_answers_http_with_probabilities(tracking_env: dict)
         assert status == 400 and "needs one of the keys" in body["message"] + body.get(
             "stack_trace", ""
         )
+
+        # The model's limits hold over HTTP: the whole request is refused before any decoding.
+        status, body = _post(url, {"inputs": [_b64(png)] * 1025})
+        assert status == 400
+        assert "1025 in one request > max_request_items (1024)" in body.get("stack_trace", "")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn child)
         try:
@@ -226,24 +231,3 @@ def test_mlflow_models_serve_answers_http_with_probabilities(tracking_env: dict)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def test_a_program_exported_for_batch_1_still_predicts_any_batch() -> None:
-    """Older train runs logged a torch.export program specialised to batch size 1."""
-    import torch
-
-    from imgcls.models.bundle import ImageClassifier
-    from imgcls.serving import FixedBatch, static_batch_size
-
-    net = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[8, 16])
-    clf = ImageClassifier(net, META["mean"], META["std"]).eval()
-    x = torch.randint(0, 256, (5, 16, 16, 1), dtype=torch.uint8)
-    fixed = torch.export.export(clf, (x[:1],)).module()
-    dynamic = torch.export.export(clf, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    assert static_batch_size(fixed) == 1
-    assert static_batch_size(dynamic.module()) is None
-    with torch.no_grad():
-        assert torch.allclose(FixedBatch(fixed, 1)(x), clf(x), atol=1e-6)
-        two = torch.export.export(clf, (x[:2],)).module()  # fixed to 2: the last chunk is padded
-        assert static_batch_size(two) == 2
-        assert torch.allclose(FixedBatch(two, 2)(x), clf(x), atol=1e-6)

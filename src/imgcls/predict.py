@@ -18,19 +18,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
-from imgcls.data.dataset import load_image
+from imgcls.data.dataset import DECODE_ERRORS, load_image
+from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS, TOO_LARGE_ERRORS, ImageTooLarge
 from imgcls.errors import ImgclsError
-from imgcls.models.bundle import load_bundle
+from imgcls.models.bundle import limits_of, load_bundle
 from imgcls.task import Task, decided_labels, task_of
 
-# What a folder is searched for; a file named explicitly is tried whatever its suffix.
+# What a folder is searched for: the suffixes of the formats imgcls decodes (imageinfo's
+# IMAGE_FORMATS); a file named explicitly is tried whatever its suffix.
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp"}
-    | {".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".qoi"}
 )
 PROGRESS_MIN_FILES = 64  # smaller jobs finish before a bar is worth drawing
 
@@ -75,6 +76,11 @@ class Predictor:
     def channels(self) -> int:
         """1 (grayscale) or 3 (RGB)."""
         return int(self.meta["channels"])
+
+    @property
+    def max_pixels(self) -> int:
+        """The largest image (width x height, from its header) this model decodes."""
+        return limits_of(self.meta)["max_image_pixels"]
 
     @torch.no_grad()
     def probs(self, images: np.ndarray) -> np.ndarray:
@@ -203,20 +209,26 @@ def decode_error(err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, UnidentifiedImageError):
         return "not an image"
-    if isinstance(err, Image.DecompressionBombError):
+    if isinstance(err, ImageTooLarge):
+        return str(err)  # "too large: 12000x12000 > max_image_pixels (89478485)"
+    if isinstance(err, (*TOO_LARGE_ERRORS, MemoryError)):
         return "too large"
     first = (str(err).splitlines() or [""])[0][:200]
     return f"corrupt image ({type(err).__name__}: {first})" if first else "corrupt image"
 
 
-def read_image(path: str, size: int, channels: int) -> np.ndarray:
+def read_image(
+    path: str, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode one file like training; raises ValueError with a short reason."""
     p = Path(path)
     if p.is_file() and p.stat().st_size == 0:
         raise ValueError("empty file")
     try:
-        return load_image(p, size, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return load_image(p, size, channels, max_pixels)
+    except DECODE_ERRORS as err:
+        raise ValueError(decode_error(err)) from None
+    except Exception as err:  # any other decoder failure is this file's, not the whole run's
         raise ValueError(decode_error(err)) from None
 
 
@@ -253,12 +265,12 @@ class Prediction:
 
 
 def _decode_batch(
-    pool: ThreadPoolExecutor, batch: list[InputFile], size: int, channels: int
+    pool: ThreadPoolExecutor, batch: list[InputFile], predictor: Predictor
 ) -> list[Future[np.ndarray] | str]:
     """Start decoding a batch; an input that already failed keeps its reason."""
+    shape = (predictor.image_size, predictor.channels, predictor.max_pixels)
     return [
-        item.error if item.error else pool.submit(read_image, item.path, size, channels)
-        for item in batch
+        item.error if item.error else pool.submit(read_image, item.path, *shape) for item in batch
     ]
 
 
@@ -275,7 +287,6 @@ def iter_predictions(
     if batch_size < 1 or top_k < 1:
         raise PredictError("--batch-size and --top-k must be at least 1")
     k = min(top_k, len(predictor.classes))
-    size, channels = predictor.image_size, predictor.channels
     batches = [list(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
     bar = tqdm(
         total=len(inputs),
@@ -284,11 +295,11 @@ def iter_predictions(
         disable=None if progress and len(inputs) >= PROGRESS_MIN_FILES else True,
     )
     with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
-        pending = _decode_batch(pool, batches[0], size, channels) if batches else []
+        pending = _decode_batch(pool, batches[0], predictor) if batches else []
         for i, batch in enumerate(batches):
             current = pending
             if i + 1 < len(batches):  # overlap decoding of the next batch with this one
-                pending = _decode_batch(pool, batches[i + 1], size, channels)
+                pending = _decode_batch(pool, batches[i + 1], predictor)
             rows, images = [], []
             for item, job in zip(batch, current, strict=True):
                 if isinstance(job, str):

@@ -9,6 +9,11 @@ The logged model holds `models/model.pt` as an artifact and decodes every image 
 evaluation split. It is stored as "models from code" (a two-line script that builds
 :class:`ImgclsServingModel`), so loading it never unpickles anything; the serving environment
 needs imgcls installed (`mlflow models serve --env-manager local` from the project venv).
+Every request is bounded by the model's `limits` (imgcls.models.bundle.DEFAULT_LIMITS): images
+per request, bytes per request and per image, pixels per image (checked from the header).
+
+:func:`load_logged_model` (`imgcls predict --model-uri`) reads only the weights-only model file
+out of a logged model; it never runs MLflow's loaders, which unpickle and import the model's code.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import os
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
@@ -30,12 +35,14 @@ import torch
 from PIL import Image
 
 from imgcls.data.dataset import load_image
+from imgcls.data.imageinfo import check_pixels
 from imgcls.errors import ImgclsError
-from imgcls.models.bundle import load_bundle
+from imgcls.models.bundle import DEFAULT_LIMITS, ImageClassifier, limits_of, load_bundle
 from imgcls.predict import decode_error
 from imgcls.task import decided_labels, split_labels, task_of
 
 MODEL_ARTIFACT = "model_file"  # key of the bundle in the pyfunc model's artifacts
+BUNDLE_NAME = "model.pt"  # the bundle's file name in a logged model (both flavours)
 IMAGE_KEYS = ("image", "images", "image_base64", "b64")  # accepted dict keys / column names
 _CODE = (
     "# imgcls serving model (MLflow models-from-code): MLflow runs this to build the model.\n"
@@ -52,27 +59,38 @@ class ServingError(ImgclsError):
 # ---------------------------------------------------------------------- decoding requests
 
 
-def decode_base64(text: str) -> bytes:
+def decode_base64(text: str, max_bytes: int = DEFAULT_LIMITS["max_image_bytes"]) -> bytes:
     """Base64 (optionally a `data:image/...;base64,` URL) -> bytes; raises ValueError."""
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
+    size = len(text) * 3 // 4  # decoded size, known before decoding anything
+    if size > max_bytes:
+        raise ValueError(f"too large: {size} bytes > max_image_bytes ({max_bytes})")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not valid base64 (send the image file's bytes, base64-encoded)") from None
 
 
-def image_from_bytes(data: bytes, size: int, channels: int) -> np.ndarray:
+def image_from_bytes(
+    data: bytes, size: int, channels: int, limits: Mapping[str, int] = DEFAULT_LIMITS
+) -> np.ndarray:
     """An image file's bytes -> (size, size, channels) uint8, decoded like training."""
     if not data:
         raise ValueError("empty file")
+    if len(data) > limits["max_image_bytes"]:
+        raise ValueError(
+            f"too large: {len(data)} bytes > max_image_bytes ({limits['max_image_bytes']})"
+        )
     try:
-        return load_image(io.BytesIO(data), size, channels)  # type: ignore[arg-type]
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return load_image(io.BytesIO(data), size, channels, limits["max_image_pixels"])
+    except Exception as err:  # every decoder failure is this image's, not the request's
         raise ValueError(decode_error(err)) from None
 
 
-def image_from_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
+def image_from_array(
+    arr: np.ndarray, size: int, channels: int, limits: Mapping[str, int] = DEFAULT_LIMITS
+) -> np.ndarray:
     """Decoded pixels (H, W), (H, W, 1|3|4), values 0-255 -> (size, size, channels) uint8."""
     arr = np.asarray(arr)
     if arr.dtype.kind not in "uif" or arr.size == 0:
@@ -83,6 +101,7 @@ def image_from_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
         raise ValueError(
             f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}"
         )
+    check_pixels(arr.shape[1], arr.shape[0], limits["max_image_pixels"])
     if arr.dtype != np.uint8:
         if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
             raise ValueError("image array values must be uint8 pixels in 0-255")
@@ -94,7 +113,33 @@ def image_from_array(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
     # Any other size / channel count goes through the same decoder as files (PNG is lossless).
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    return image_from_bytes(buf.getvalue(), size, channels)
+    # The PNG of pixels already within the pixel limit is the server's own: no byte cap.
+    return image_from_bytes(buf.getvalue(), size, channels, {**limits, "max_image_bytes": 1 << 62})
+
+
+def item_bytes(item: Any) -> int:
+    """What one request item costs: its base64 text / bytes length, or its pixel values."""
+    if isinstance(item, str | bytes | bytearray):
+        return len(item)
+    try:
+        return int(np.size(item))
+    except ValueError:  # a ragged nested list: not an image, but count what it holds
+        return sum(item_bytes(x) for x in item) if isinstance(item, list | tuple) else 0
+
+
+def check_request(items: list[Any], limits: Mapping[str, int]) -> None:
+    """Refuse a whole request above `max_request_items` images or `max_request_bytes`."""
+    if len(items) > limits["max_request_items"]:
+        raise ServingError(
+            f"too many images: {len(items)} in one request > max_request_items "
+            f"({limits['max_request_items']}); send them in several requests"
+        )
+    total = sum(item_bytes(item) for item in items)
+    if total > limits["max_request_bytes"]:
+        raise ServingError(
+            f"request too large: {total} bytes of images > max_request_bytes "
+            f"({limits['max_request_bytes']}); send fewer or smaller images per request"
+        )
 
 
 def request_items(model_input: Any) -> list[Any]:
@@ -156,13 +201,17 @@ def _array_items(arr: np.ndarray) -> list[Any]:
     raise ServingError(f"cannot read an image array of shape {arr.shape}; send (B, H, W, C)")
 
 
-def decode_item(item: Any, size: int, channels: int) -> np.ndarray:
+def decode_item(
+    item: Any, size: int, channels: int, limits: Mapping[str, int] = DEFAULT_LIMITS
+) -> np.ndarray:
     """One request item -> (size, size, channels) uint8; raises ValueError with the reason."""
     if isinstance(item, str):
-        return image_from_bytes(decode_base64(item), size, channels)
+        return image_from_bytes(
+            decode_base64(item, limits["max_image_bytes"]), size, channels, limits
+        )
     if isinstance(item, bytes | bytearray):
-        return image_from_bytes(bytes(item), size, channels)
-    return image_from_array(np.asarray(item), size, channels)
+        return image_from_bytes(bytes(item), size, channels, limits)
+    return image_from_array(np.asarray(item), size, channels, limits)
 
 
 # ---------------------------------------------------------------------- the pyfunc model
@@ -182,6 +231,7 @@ class ImgclsServingModel(mlflow.pyfunc.PythonModel):
         clf, meta = load_bundle(context.artifacts[MODEL_ARTIFACT])
         self.clf = clf.to(self.device).eval()
         self.meta = meta
+        self.limits = limits_of(meta)
 
     def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
         """Class probabilities per image; an unreadable image gets its own `error`."""
@@ -190,9 +240,11 @@ class ImgclsServingModel(mlflow.pyfunc.PythonModel):
         size, channels = int(self.meta["image_size"]), int(self.meta["channels"])
         rows: list[dict[str, Any]] = []
         good: list[np.ndarray] = []
-        for item in request_items(model_input):
+        items = request_items(model_input)
+        check_request(items, self.limits)
+        for item in items:
             try:
-                good.append(decode_item(item, size, channels))
+                good.append(decode_item(item, size, channels, self.limits))
                 rows.append({})
             except ValueError as err:
                 rows.append({"label": None, "probability": None, "probabilities": None})
@@ -276,73 +328,130 @@ def log_serving_model(
 def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """`runs:/...` or `models:/...` -> (uint8 (B, H, W, C) -> probabilities module, meta).
 
-    Reads either the serving model logged here (its `model.pt` artifact) or the train stage's
-    `mlflow.pytorch` model (a torch.export program; meta from the logged model's metadata).
+    Reads only the imgcls model file (`models/model.pt` format) inside the logged model: the
+    serving model's `model_file` artifact, or the `mlflow.pytorch` model's extra file. Only the
+    MLmodel file (YAML, safe-loaded) and that one file are downloaded; it is loaded with
+    `torch.load(weights_only=True)`. A pickled `model.pth` and the model's code folder are never
+    downloaded, unpickled or put on `sys.path`, so a registered model cannot run code here.
     """
-    import mlflow.artifacts
+    with tempfile.TemporaryDirectory() as tmp:
+        local, rel = download_bundle(uri, Path(tmp))
+        return _load_downloaded(uri, local, rel)
+
+
+def download_bundle(uri: str, dest: Path) -> tuple[Path, str]:
+    """Download only the MLmodel file and the imgcls model file it names into `dest`.
+
+    Returns (local path, its path inside the logged model). Nothing is loaded or run.
+    """
     from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     # A per-file download bar for a local model only clutters `imgcls predict`'s output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        mlmodel = Model.load(str(local))
+        repo = get_artifact_repository(uri)
+        mlmodel = Model.load(repo.download_artifacts("MLmodel", str(dest)))
     except Exception as err:  # mlflow raises many types for a bad URI / unreachable store
         first = (str(err).splitlines() or [""])[0][:300]
         raise ServingError(
-            f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check the "
-            "URI (runs:/<run_id>/model or models:/<name>/<version>) and MLFLOW_TRACKING_URI"
+            f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check "
+            "the URI (runs:/<run_id>/model or models:/<name>/<version>) and "
+            "MLFLOW_TRACKING_URI"
         ) from None
-    artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
-    rel = artifacts.get(MODEL_ARTIFACT, {}).get("path")
-    if rel and (local / rel).is_file():
-        return load_bundle(local / rel)
-    if "pytorch" not in mlmodel.flavors:
-        raise ServingError(f"{uri}: neither an imgcls serving model nor an mlflow.pytorch model")
-    meta = dict(mlmodel.metadata or {})
-    missing = [k for k in ("classes", "image_size", "channels") if k not in meta]
-    if missing:
+    try:
+        rel = bundle_artifact(mlmodel)
+    except (AttributeError, TypeError):  # an MLmodel whose flavours are not mappings
+        rel = None
+    if rel is None:
         raise ServingError(
-            f"{uri}: the logged model's metadata lacks {missing}; it was not logged by imgcls's "
-            "train stage. Use --model models/model.pt instead"
+            f"{uri}: this logged model holds no imgcls model file ({BUNDLE_NAME}); imgcls "
+            "loads nothing else (a pickled model could run its author's code). Models "
+            "logged before imgcls stopped unpickling: use runs:/<run_id>/serving of the "
+            "same run, or --model models/model.pt"
         )
-    from mlflow import pytorch as mlflow_pytorch
+    try:
+        return Path(repo.download_artifacts(rel, str(dest))), rel
+    except Exception as err:
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise ServingError(
+            f"{uri}: cannot download {rel} ({type(err).__name__}: {first})"
+        ) from None
 
-    # An exported program is already in eval mode (and refuses `.eval()`).
-    program = mlflow_pytorch.load_model(str(local))
-    batch = static_batch_size(program)
-    return (program if batch is None else FixedBatch(program, batch)), meta
+
+def _load_downloaded(uri: str, local: Path, rel: str) -> tuple[ImageClassifier, dict[str, Any]]:
+    """load_bundle, with errors that name the model URI instead of a temporary folder."""
+    try:
+        return load_bundle(local)
+    except ImgclsError as err:
+        raise ServingError(str(err).replace(str(local), f"{uri} ({rel})")) from None
 
 
-def static_batch_size(program: torch.nn.Module) -> int | None:
-    """The batch size an exported program was specialised to, or None if it is dynamic."""
-    graph = getattr(program, "graph", None)
-    for node in graph.nodes if graph is not None else []:
-        if node.op == "placeholder" and "val" in node.meta:
-            dim = node.meta["val"].shape[0]
-            return dim if isinstance(dim, int) else None
+def save_trusted_serving_model(uri: str, dest: Path) -> Path:
+    """Rebuild a servable model folder from only the model file inside a logged model.
+
+    `mlflow models serve -m models:/...` runs whatever Python the registered model names (for
+    imgcls's own, a two-line script). Serve `dest` instead, and only imgcls's code runs: the
+    folder holds this imgcls's script and the weights-only model file, checked by loading it.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise ServingError(f"{dest} already exists; give a new folder for the serving model")
+    with tempfile.TemporaryDirectory() as tmp:
+        local, rel = download_bundle(uri, Path(tmp))
+        _, meta = _load_downloaded(uri, local, rel)
+        code = Path(tmp) / "imgcls_serving_model.py"
+        code.write_text(_CODE, encoding="utf-8")
+        mlflow.pyfunc.save_model(
+            path=str(dest),
+            python_model=str(code),
+            artifacts={MODEL_ARTIFACT: str(local)},
+            metadata={**meta, "imgcls_source": uri},
+            pip_requirements=_pip_requirements(),
+        )
+    return dest
+
+
+def bundle_artifact(mlmodel: Any) -> str | None:
+    """The relative path of the imgcls model file inside a logged model, or None."""
+    flavors = mlmodel.flavors or {}
+    pyfunc = flavors.get("python_function", {}).get("artifacts", {}).get(MODEL_ARTIFACT, {})
+    candidates = [pyfunc.get("path")]  # the serving model's bundle, whatever its file name
+    extra = flavors.get("pytorch", {}).get("extra_files") or []
+    candidates += [
+        e.get("path")
+        for e in extra
+        if isinstance(e, Mapping) and PurePosixPath(str(e.get("path"))).name == BUNDLE_NAME
+    ]
+    for rel in candidates:
+        if not isinstance(rel, str) or not rel:
+            continue
+        path = PurePosixPath(rel)
+        # The MLmodel file is the model author's: a path must stay inside the model folder.
+        if not path.is_absolute() and ".." not in path.parts and "\\" not in rel:
+            return rel
     return None
 
 
-class FixedBatch(torch.nn.Module):
-    """Run a program exported for one batch size on chunks of that size.
+def main(argv: list[str] | None = None) -> None:
+    """`python -m imgcls.serving URI FOLDER`: see :func:`save_trusted_serving_model`."""
+    import argparse
+    import sys
 
-    Models logged with a 1-sample input example were exported with the batch dimension fixed
-    to 1 (torch.export specialises size-1 dims); they still predict, chunk by chunk.
-    """
+    parser = argparse.ArgumentParser(
+        prog="python -m imgcls.serving",
+        description="Write a servable MLflow model folder from only the weights-only model file "
+        "of a logged model; then: mlflow models serve -m FOLDER --env-manager local",
+    )
+    parser.add_argument("uri", help="runs:/<run_id>/serving or models:/<name>/<version>")
+    parser.add_argument("folder", type=Path, help="new folder to write")
+    args = parser.parse_args(argv)
+    try:
+        print(save_trusted_serving_model(args.uri, args.folder))
+    except ImgclsError as err:
+        print(f"python -m imgcls.serving: {err}", file=sys.stderr)
+        sys.exit(1)
 
-    def __init__(self, program: torch.nn.Module, batch: int) -> None:
-        super().__init__()
-        self.program = program
-        self.batch = batch
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) uint8 -> (B, K): pads the last chunk by repeating its first image."""
-        out = []
-        for i in range(0, len(images), self.batch):
-            chunk = images[i : i + self.batch]  # (b, H, W, C), b <= batch
-            n = len(chunk)
-            if n < self.batch:
-                chunk = torch.cat([chunk, chunk[:1].expand(self.batch - n, *chunk.shape[1:])])
-            out.append(self.program(chunk)[:n])
-        return torch.cat(out)
+if __name__ == "__main__":
+    main()

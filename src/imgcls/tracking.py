@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,8 +397,12 @@ class Run:
         input_example: Any,
         metadata: Mapping[str, Any],
         registered_name: str | None = None,
+        bundle: Path | None = None,
     ) -> str | None:
         """`mlflow.pytorch.log_model` (pt2 export, signature from the example); returns the URI.
+
+        `bundle` (the saved `models/model.pt`) is stored with it as the extra file
+        `extra_files/model.pt`: the only part `imgcls predict --model-uri` loads (weights-only).
 
         `input_example` must hold at least 2 samples: MLflow exports with `torch.export` and
         `Dim.AUTO`, which specialises a size-1 batch dimension to the constant 1 (the
@@ -416,14 +421,19 @@ class Run:
             mlflow.set_tracking_uri(self.uri)
             mlflow.start_run(run_id=self.run_id)
             try:
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    input_example=input_example,
-                    metadata=dict(metadata),
-                    registered_model_name=registered_name,
-                    pip_requirements=_pip_requirements(),
-                )
+                with tempfile.TemporaryDirectory() as tmp:
+                    extra = None
+                    if bundle is not None:  # under the name load_logged_model looks for
+                        extra = [str(shutil.copy(bundle, Path(tmp) / "model.pt"))]
+                    info = mlflow.pytorch.log_model(
+                        model,
+                        name="model",
+                        input_example=input_example,
+                        metadata=dict(metadata),
+                        registered_model_name=registered_name,
+                        pip_requirements=_pip_requirements(),
+                        extra_files=extra,
+                    )
             finally:
                 # `end_run` would mark the run FINISHED; evaluate still has to log into it.
                 mlflow.end_run(status="RUNNING")
@@ -760,7 +770,9 @@ def _log_models(
     loaded = run._safe("model", load_bundle, model_path)
     model_uri = None
     if loaded is not None:
-        model_uri = run.log_pytorch_model(loaded[0], input_example=example, metadata=metadata)
+        model_uri = run.log_pytorch_model(
+            loaded[0], input_example=example, metadata=metadata, bundle=model_path
+        )
     return {"model_uri": model_uri, "serving_model_uri": serving}
 
 

@@ -11,18 +11,28 @@ import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from imgcls.data.imageinfo import (
+    DEFAULT_MAX_PIXELS,
+    HIGH_BIT_MODES,
+    TOO_LARGE_ERRORS,
+    open_image,
+    rescale_to_uint8,
+)
 from imgcls.errors import ImgclsError
 from imgcls.io import atomic_path
 
-GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+GRAYSCALE_MODES = frozenset({"1", "L", "LA"} | HIGH_BIT_MODES)
+# Every way Pillow / our decoder says "this file cannot be decoded" (none is a bug of ours).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, *TOO_LARGE_ERRORS)
 
 
 def infer_channels(modes: pd.Series) -> int:
@@ -32,11 +42,8 @@ def infer_channels(modes: pd.Series) -> int:
 
 def _to_uint8(img: Image.Image, channels: int) -> Image.Image:
     """Convert any Pillow mode to L or RGB, scaling high-bit-depth data and flattening alpha."""
-    if img.mode in {"I", "I;16", "I;16B", "I;16L", "F"}:
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max()
-        arr = arr * (255.0 / hi) if hi > 0 else arr
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in HIGH_BIT_MODES:
+        img = rescale_to_uint8(img, subtract_min=False)  # [0, max] -> [0, 255], bounded memory
     if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -44,9 +51,15 @@ def _to_uint8(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one file to a (size, size, channels) uint8 array."""
-    with Image.open(path) as img:
+def load_image(
+    path: Path | IO[bytes], size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode one file to a (size, size, channels) uint8 array.
+
+    Raises what :func:`imgcls.data.imageinfo.open_image` raises (format, pixel limit from the
+    header) or one of `DECODE_ERRORS` for a broken file.
+    """
+    with open_image(path, max_pixels) as img:
         img = ImageOps.exif_transpose(img)
         img = _to_uint8(img, channels)
         if img.size != (size, size):
@@ -59,14 +72,19 @@ class DecodeError(ImgclsError):
     """An image listed in splits.csv that can no longer be read."""
 
 
-def _load_chunk(args: tuple[str, int, list[str], int, int]) -> int:
+def _load_chunk(args: tuple[str, int, list[str], int, int, list[int]]) -> int:
     """Worker: decode a chunk of files straight into rows `start:` of the cache file."""
-    target, start, paths, size, channels = args
+    target, start, paths, size, channels, limits = args
     block = np.empty((len(paths), size, size, channels), np.uint8)
     for j, p in enumerate(paths):
         try:
-            block[j] = load_image(Path(p), size, channels)
-        except (OSError, ValueError, SyntaxError) as err:  # Pillow's ways of saying "broken"
+            block[j] = load_image(Path(p), size, channels, limits[j])
+        except TOO_LARGE_ERRORS as err:
+            raise DecodeError(
+                f"{p}: {err}; the file is not the one validated (it changed after ingest?). "
+                "Re-run `dvc repro` from ingest"
+            ) from None
+        except (*DECODE_ERRORS, UnidentifiedImageError) as err:  # Pillow's ways of saying "broken"
             raise DecodeError(
                 f"{p}: cannot decode ({type(err).__name__}: {err}); the file changed after "
                 "validation? re-run `dvc repro` from ingest"
@@ -85,6 +103,22 @@ def cache_key(df: pd.DataFrame, size: int, channels: int) -> str:
     return h.hexdigest()[:20]
 
 
+def pixel_limits(df: pd.DataFrame, max_pixels: int | None) -> list[int]:
+    """Each row's pixel limit: `max_pixels`, else the default or the size ingest recorded.
+
+    Ingest already checked every image against `data.max_image_pixels` and wrote its width and
+    height to the manifest; a file that now claims more pixels than that is not the one checked.
+    """
+    if max_pixels is not None:
+        return [max_pixels] * len(df)
+    if not {"width", "height"} <= set(df.columns):
+        return [DEFAULT_MAX_PIXELS] * len(df)
+    area = pd.to_numeric(df["width"], errors="coerce") * pd.to_numeric(
+        df["height"], errors="coerce"
+    )
+    return [DEFAULT_MAX_PIXELS if pd.isna(a) else max(DEFAULT_MAX_PIXELS, int(a)) for a in area]
+
+
 def decode_images(
     df: pd.DataFrame,
     root: Path,
@@ -94,13 +128,19 @@ def decode_images(
     *,
     workers: int = 0,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
-    """Return the (N, S, S, C) uint8 images of `df`'s rows, from the cache when possible."""
+    """Return the (N, S, S, C) uint8 images of `df`'s rows, from the cache when possible.
+
+    `max_pixels` (e.g. `data.max_image_pixels`) bounds every image; None allows each row the
+    larger of Pillow's default limit and the size ingest recorded for it (see `pixel_limits`).
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"images-{cache_key(df, size, channels)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
     paths = [str(root / p) for p in df["path"]]
+    limits = pixel_limits(df, max_pixels)
     workers = workers or os.cpu_count() or 1
     # Small chunks keep every worker busy to the end; each writes into the memory-mapped file,
     # so no decoded pixels travel back through a pipe and memory stays flat for big datasets.
@@ -113,7 +153,8 @@ def decode_images(
             tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, channels)
         ).flush()
         jobs = [
-            (str(tmp), i, paths[i : i + chunk], size, channels) for i in range(0, len(paths), chunk)
+            (str(tmp), i, paths[i : i + chunk], size, channels, limits[i : i + chunk])
+            for i in range(0, len(paths), chunk)
         ]
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:

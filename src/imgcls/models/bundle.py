@@ -1,13 +1,20 @@
-"""The model file (`models/model.pt`): weights plus how to preprocess like training."""
+"""The model file (`models/model.pt`): weights plus how to preprocess like training.
+
+The file is a dict of tensors and plain data, loaded with `torch.load(weights_only=True)`: a
+model file from anywhere (a registry, a colleague) can hold no code that runs when it loads.
+"""
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS
 from imgcls.models.registry import ModelError, create_model
 from imgcls.task import Task, output_units, probs_from_logits, task_of
 from imgcls.training import checkpoint
@@ -35,10 +42,58 @@ class ImageClassifier(nn.Module):
         return probs_from_logits(self.task, self.net(self.prep(x)))
 
 
+# What one request / one image may cost the model's users (`imgcls predict`, the serving
+# model). Stored in the model's metadata under "limits"; a model file without them (written
+# before they existed) gets these.
+DEFAULT_LIMITS: dict[str, int] = {
+    "max_image_pixels": DEFAULT_MAX_PIXELS,  # width x height, checked from the header
+    "max_image_bytes": 32 << 20,  # one encoded image file (after base64 decoding)
+    "max_request_bytes": 128 << 20,  # all images of one serving request together
+    "max_request_items": 1024,  # images in one serving request
+}
+# Constructor arguments that would make loading a model file read other files or download.
+_LOADING_KWARGS = frozenset(
+    {"pretrained", "pretrained_path", "pretrained_cfg", "pretrained_cfg_overlay"}
+    | {"checkpoint_path", "cache_dir"}
+)
+
+
+def limits_of(meta: Mapping[str, Any]) -> dict[str, int]:
+    """The model's limits (`DEFAULT_LIMITS` for any key the metadata lacks)."""
+    given = meta.get("limits") or {}
+    out = dict(DEFAULT_LIMITS)
+    for key, value in dict(given).items():
+        if key in out:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"model metadata limits.{key} = {value!r}: not a positive int")
+            out[key] = value
+    return out
+
+
 def save_bundle(path: Path | str, net: nn.Module, meta: dict[str, Any]) -> None:
-    """Write weights + metadata atomically (loadable with weights_only=True)."""
+    """Write weights + metadata atomically (loadable with weights_only=True).
+
+    `meta["limits"]` (see `DEFAULT_LIMITS`) is completed with the defaults for missing keys.
+    """
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    meta = {**meta, "limits": limits_of(meta)}
     checkpoint.save(path, {"format": "imgcls-model/1", "state_dict": state, "meta": meta})
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The file's dict, unpickled weights-only: anything else is refused, never run."""
+    try:
+        payload = checkpoint.load(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"{path}: not an imgcls model file: it does not load weights-only "
+            f"({type(err).__name__}: {first}). It was refused, and nothing in it was run; use "
+            "a models/model.pt written by `dvc repro train`"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != "imgcls-model/1":
+        raise ModelError(f"{path}: not an imgcls model file")
+    return payload
 
 
 def load_bundle(path: Path | str) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -46,10 +101,15 @@ def load_bundle(path: Path | str) -> tuple[ImageClassifier, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found (run `dvc repro train` first)")
-    payload = checkpoint.load(path)
-    if payload.get("format") != "imgcls-model/1":
-        raise ModelError(f"{path}: not an imgcls model file")
-    meta = payload["meta"]
+    payload = _read_payload(path)
+    meta = dict(payload["meta"])
+    meta["limits"] = limits_of(meta)  # older files have none
+    loading = sorted(_LOADING_KWARGS & set(meta.get("model_kwargs", {})))
+    if loading:
+        raise ModelError(
+            f"{path}: model_kwargs {loading} would load weights from elsewhere; a model file "
+            "carries its own weights. Remove them from model.kwargs and retrain"
+        )
     task = task_of(meta)
     net = create_model(
         meta["arch"],
