@@ -167,7 +167,7 @@ def rescale_to_uint8(im: Image.Image, *, subtract_min: bool) -> Image.Image:
     return Image.fromarray(out, mode="L")
 
 
-def _to_gray(im: Image.Image) -> Image.Image:
+def to_gray(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit grayscale (16-bit and float images are rescaled)."""
     if im.mode in HIGH_BIT_MODES:
         # Pillow's own conversion clips high-bit-depth data to 0..255; rescale by the real range
@@ -180,7 +180,7 @@ def _to_gray(im: Image.Image) -> Image.Image:
 
 def phash(im: Image.Image) -> str:
     """64-bit DCT perceptual hash (the classic pHash) as 16 hex characters."""
-    small = _to_gray(im).resize((32, 32), Image.Resampling.BILINEAR)
+    small = to_gray(im).resize((32, 32), Image.Resampling.BILINEAR)
     pixels = np.asarray(small, dtype=np.float64)  # (32, 32)
     dct = _dct_matrix() @ pixels @ _dct_matrix().T  # (32, 32)
     # (64,) lowest frequencies carry the image's structure; rounding removes float noise so a

@@ -28,7 +28,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
-from imgcls.data.imageinfo import IMAGE_FORMATS
+from imgcls.data.imageinfo import (
+    DEFAULT_MAX_PIXELS,
+    open_image,
+    to_gray,
+)
 from imgcls.data.phash import close_hash_pairs, parse_phashes
 from imgcls.io import atomic_path
 
@@ -52,7 +55,6 @@ FLAT_STD = 1.0  # gray levels: a thumbnail this flat has no structure to correla
 FLAT_MEAN_TOLERANCE = 8.0  # gray levels: two flat images are duplicates if this close
 BUCKET_ALL_PAIRS = 64  # identical-hash buckets up to this size are compared pairwise
 PARALLEL_MIN = 4000  # thumbnails to load before worker processes pay off
-MAX_THUMB_PIXELS = 200_000_000  # never decode more than this for a thumbnail (bombs)
 
 
 @dataclass
@@ -220,20 +222,12 @@ def _across_buckets(
 # --------------------------------------------------------------------------- verification
 
 
-def thumbnails(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """Grayscale 16x16 and 32x32 float32 thumbnails of an image file (whitelisted formats)."""
-    with Image.open(path, formats=IMAGE_FORMATS) as im:
-        if im.width * im.height > MAX_THUMB_PIXELS:
-            raise ValueError(f"too large: {im.width}x{im.height}")
+def thumbnails(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ...]:
+    """Grayscale 16x16 and 32x32 float32 thumbnails of an image file (the shared decoder)."""
+    with open_image(path, max_pixels) as im:
         im.draft("L", (DETAIL * 2, DETAIL * 2))  # JPEG: decode at a fraction of the size, fast
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-            im = Image.fromarray(arr.astype(np.uint8), mode="L")
-        elif im.mode != "L":
-            im = im.convert("RGBA").convert("L") if im.mode in ("P", "PA") else im.convert("L")
+        im = to_gray(im)  # exactly as the pHash sees it
         # antialiased bilinear: area-weighted, so both sizes see every source pixel
         small = im.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
         large = im.resize((DETAIL, DETAIL), Image.Resampling.BILINEAR)
@@ -249,15 +243,12 @@ def _thumbnails_chunk(args: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarr
     coarse = np.zeros((len(paths), THUMB * THUMB), dtype=np.float32)
     fine = np.zeros((len(paths), DETAIL * DETAIL), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
-    Image.MAX_IMAGE_PIXELS = MAX_THUMB_PIXELS
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for i, p in enumerate(paths):
-            try:
-                coarse[i], fine[i] = thumbnails(Path(root) / p)
-                ok[i] = True
-            except Exception as err:  # a bad file only loses its pairs; ingest reports it
-                log.debug("no thumbnail for %s: %s", p, err)
+    for i, p in enumerate(paths):
+        try:
+            coarse[i], fine[i] = thumbnails(Path(root) / p)
+            ok[i] = True
+        except Exception as err:  # a bad file only loses its pairs; ingest reports it
+            log.debug("no thumbnail for %s: %s", p, err)
     return coarse, fine, ok
 
 
@@ -373,7 +364,7 @@ def contact_sheet(
         y += caption_h
         for k, p in enumerate(paths[:per_row]):
             try:
-                with Image.open(Path(root) / p, formats=IMAGE_FORMATS) as im:
+                with open_image(Path(root) / p, DEFAULT_MAX_PIXELS) as im:
                     im.draft("RGB", (side, side))
                     tile = ImageOps.pad(im.convert("RGB"), (side, side), color="white")
             except Exception:  # a file gone since validation: leave its tile grey
