@@ -13,7 +13,8 @@ Three steps (rationale and measured quality in docs/split.md and bench/RESULTS.m
    different garments of one silhouette mostly below. Images of one size must also agree in
    detail: on 32x32 normalised thumbnails, no 4x4-pixel block may differ by more than
    `max_detail_difference` on average (a different print on the same shirt fails here, a JPEG
-   re-encode does not). Resized copies skip this gate: resampling blurs detail by itself.
+   re-encode does not). Resized copies skip this gate (resampling blurs detail by itself), and
+   so do images under 16 px a side (there is no detail to compare, only JPEG's blocks).
 3. **Bounded clusters.** Verified pairs are *not* closed transitively (that chained 11,147
    Fashion-MNIST images into one group). Each cluster has a centre, and every member is a
    verified near-duplicate *of the centre*: centres are picked greedily, most verified
@@ -49,6 +50,7 @@ log = logging.getLogger("imgcls.near_duplicates")
 THUMB = 16  # thumbnail side for verification: detail enough for 28-px glyphs, blind to noise
 DETAIL = 32  # side of the detail thumbnail (same-size pairs)
 BLOCK = 4  # detail block side: 8 x 8 blocks of 4 x 4 pixels
+DETAIL_MIN_SIDE = 16  # images smaller than this (both sides) skip the detail gate
 DEFAULT_MIN_SIMILARITY = 0.997  # measured: bench/bench_near_duplicates.py, bench/RESULTS.md
 DEFAULT_MAX_DETAIL_DIFFERENCE = 0.15  # same; in standard deviations of the image
 FLAT_STD = 1.0  # gray levels: a thumbnail this flat has no structure to correlate
@@ -155,6 +157,9 @@ def find_near_duplicates(
     detail = np.full(len(rows), np.nan)
     if sizes is not None:  # only pairs that passed the first gate: few, and the costly check
         same = (sim >= min_similarity) & (sizes[rows[:, 0]] == sizes[rows[:, 1]]).all(axis=1)
+        # Below DETAIL_MIN_SIDE px the 32-px detail thumbnail is an upsampled blur: it would
+        # measure JPEG's 8x8 blocks, not content (digits: 8x8 px).
+        same &= sizes[rows[:, 0]].min(axis=1) >= DETAIL_MIN_SIDE
         detail[same] = detail_difference(fine[sa[same]], fine[sb[same]])
     keep = (sim >= min_similarity) & ~(detail > max_detail_difference)
     result.pairs = np.sort(rows[keep], axis=1)
