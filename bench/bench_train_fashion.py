@@ -1,10 +1,12 @@
-"""Fashion-MNIST with the real train stage: test accuracy on the official 10k set, and wall time.
+"""Fashion-MNIST through the whole product: `dvc repro`, ingest -> ... -> evaluate, timed.
 
-Setup (not timed): the Debian package's IDX files (`apt-get install dataset-fashion-mnist`) are
-written out as 70,000 PNGs with a splits.csv (official 60k train -> 55k train + 5k stratified
-val; the official 10k test set as test) in a throwaway project folder. Timed: the train stage
-itself, `python pipeline/train.py` (decode into the uint8 cache, training, validation,
-checkpoints, model file; MLflow off). Then the saved model file is scored on the test split.
+The way a user runs it: a fresh project (the repository's params.yaml, dvc.yaml and stages in a
+throw-away git repo), `data.source: fashion-mnist` (Debian's `dataset-fashion-mnist` IDX files),
+split 0.85 / 0.075 / 0.075 with the official test set kept as the test split, the recipe's
+model / augment / train sections, tracking on (the project's own mlflow.db). Each stage is run
+with `dvc repro <stage>` in order and timed. Reported: test accuracy from the evaluate stage's
+`metrics/eval.json` (checked to be the official 10,000 test images), the split's and validate's
+key figures (largest merged group, rows kept out as test leaks, class shares) and stage times.
 
     .venv/bin/python bench/bench_train_fashion.py                    # the custom-CNN recipe
     .venv/bin/python bench/bench_train_fashion.py --recipe timm      # a small timm model
@@ -13,28 +15,21 @@ checkpoints, model file; MLflow off). Then the saved model file is scored on the
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 import yaml
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from project import REPO, bench_env, commit, copy_project
+
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
-]  # fmt: skip
 
 # Each recipe is the `model`, `augment` and `train` sections of a params.yaml.
 RECIPES: dict[str, dict] = {
@@ -81,147 +76,99 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip or plain) as a numpy array."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+STAGES = ("ingest", "validate", "split", "train", "evaluate")
 
 
-def _write(args: tuple[str, str, np.ndarray, np.ndarray, int]) -> list[dict]:
-    """Worker: write one chunk of images as PNGs; return their rows."""
-    root, part, images, labels, start = args
-    rows = []
-    for j, (img, lab) in enumerate(zip(images, labels, strict=True)):
-        rel = f"data/raw/fashion/{part}/{CLASSES[lab]}/{start + j:05d}.png"
-        path = Path(root) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path)
-        rows.append(
-            {
-                "path": rel,
-                "label": CLASSES[lab],
-                "group": rel,
-                "source_split": part,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "width": 28,
-                "height": 28,
-                "mode": "L",
-                "format": "PNG",
-                "phash": "",
-                "error": "",
-            }
+def write_params(project: Path, recipe: dict, epochs: int | None, threads: int | None, seed: int):
+    """The repository's params.yaml with the preset, the split and the recipe filled in."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["seed"] = seed
+    params["data"]["source"] = "fashion-mnist"
+    params["split"].update({"train": 0.85, "val": 0.075, "test": 0.075})
+    params["model"] = {**params["model"], **recipe["model"]}
+    params["augment"] = {"train": recipe["augment"], "eval": []}
+    train = {**params["train"], **recipe["train"], "image_size": 28}
+    if epochs:
+        train["epochs"] = epochs
+    if threads:
+        train["cpu_threads"] = threads
+    params["train"] = train
+    params["tracking"]["enabled"] = True
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def run_stages(project: Path) -> dict[str, float]:
+    """`dvc repro <stage>` for each stage in order; wall seconds per stage."""
+    times = {}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            ["dvc", "repro", stage], cwd=project, env=bench_env(), capture_output=True, text=True
         )
-    return rows
+        times[stage] = round(time.perf_counter() - t0, 1)
+        print(f"{stage}: {times[stage]} s", flush=True)
+        if proc.returncode:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+            sys.exit(proc.returncode)
+    return times
 
 
-def prepare(root: Path, val_size: int, seed: int) -> Path:
-    """Write the PNGs and splits.csv once (reused when they already exist)."""
-    splits = root / "data/processed/splits.csv"
-    if splits.is_file():
-        return splits
-    jobs = []
-    for part, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(IDX_DIR / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(IDX_DIR / f"{prefix}-labels-idx1-ubyte.gz")
-        for s in range(0, len(labels), 5000):
-            jobs.append((str(root), part, images[s : s + 5000], labels[s : s + 5000], s))
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
-        df = pd.DataFrame([r for rows in pool.map(_write, jobs) for r in rows])
-    df["split"] = df["source_split"]
-    rng = np.random.default_rng(seed)
-    train_idx = df.index[df["split"] == "train"]
-    per_class = val_size // len(CLASSES)
-    for label in CLASSES:  # stratified: the same number of val images per class
-        idx = train_idx[df.loc[train_idx, "label"] == label]
-        df.loc[rng.choice(idx, per_class, replace=False), "split"] = "val"
-    splits.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(splits, index=False)
-    return splits
-
-
-def test_accuracy(root: Path, splits: Path) -> float:
-    """Accuracy of models/model.pt on the official test set (images from the stage's cache)."""
-    sys.path.insert(0, str(REPO / "src"))
-    from imgcls.models.bundle import load_bundle
-    from imgcls.training.run import load_split_data
-
-    clf, meta = load_bundle(root / "models/model.pt")
-    data = load_split_data(
-        splits,
-        root,
-        meta["image_size"],
-        meta["channels"],
-        root / "data/cache",
-        classes=meta["classes"],
-        progress=False,
-    )
-    x, y = data.part("test")
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(y), 1000):
-            preds.append(clf(torch.from_numpy(np.asarray(x[i : i + 1000]))).argmax(1).numpy())
-    return float((np.concatenate(preds) == y).mean())
+def data_figures(project: Path) -> dict:
+    """What the data stages wrote: test set size, leaks kept out, merged groups, class shares."""
+    splits = pd.read_csv(project / "data/processed/splits.csv", dtype=str, keep_default_na=False)
+    test = splits[splits["split"] == "test"]
+    shares = pd.crosstab(splits["label"], splits["split"], normalize="index")
+    validation = json.loads((project / "reports/validation.json").read_text())["summary"]
+    split = json.loads((project / "reports/split.json").read_text())
+    return {
+        "rows_per_split": splits["split"].value_counts().to_dict(),
+        "test_is_official_10k": bool(
+            len(test) == 10_000 and (test["source_split"] == "test").all()
+        ),
+        "excluded_as_test_leaks": split["excluded"]["rows"],
+        "largest_group": int(splits.groupby("group").size().max()),
+        "largest_merged_group": validation["largest_merged_group"],
+        "merged_groups": validation["merged_groups"],
+        "class_share_spread_pp": {
+            s: round(float(shares[s].max() - shares[s].min()) * 100, 2) for s in shares.columns
+        },
+        "worst_deviation_pp": split["worst_deviation_pp"],
+    }
 
 
 def main() -> None:
-    """Prepare, run the train stage under a stopwatch, score the test set, print a summary."""
+    """Fresh project, dvc repro stage by stage, then the figures as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="cnn")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/imgcls-fashion"))
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     ap.add_argument("--threads", type=int, default=None, help="train.cpu_threads")
-    ap.add_argument("--val-size", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-
-    root = args.workdir
-    t0 = time.perf_counter()
-    splits = prepare(root, args.val_size, args.seed)
-    print(f"prepared {splits} in {time.perf_counter() - t0:.0f}s", flush=True)
-    recipe = RECIPES[args.recipe]
-    train = {**recipe["train"], "image_size": 28, "device": "cpu"}
-    if args.epochs:
-        train["epochs"] = args.epochs
-    if args.threads:
-        train["cpu_threads"] = args.threads
-    params = {
-        "base": {"seed": args.seed},
-        "model": recipe["model"],
-        "augment": {"train": recipe["augment"], "eval": []},
-        "train": train,
-        "tracking": {"enabled": False},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stale in ("models/checkpoints/last.pt", "models/model.pt"):
-        (root / stale).unlink(missing_ok=True)  # time a fresh run, not a resume
-    for cache in (root / "data/cache").glob("*.npy"):
-        cache.unlink()  # the decode into the cache is part of the stage's time
-
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pipeline/train.py")],
-        cwd=root,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    print(proc.stderr[-3000:], flush=True)
-    if proc.returncode:
-        sys.exit(proc.returncode)
-    metrics = json.loads((root / "metrics/train.json").read_text())
-    history = pd.read_csv(root / "plots/train.csv")
+    if not IDX_DIR.is_dir():
+        sys.exit(f"{IDX_DIR} not found: apt-get install dataset-fashion-mnist")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    project = copy_project(args.workdir)
+    params = write_params(project, RECIPES[args.recipe], args.epochs, args.threads, args.seed)
+    commit(project)
+    times = run_stages(project)
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    train = json.loads((project / "metrics/train.json").read_text())
     report = {
         "recipe": args.recipe,
-        "params": params,
-        "train_stage_wall_s": round(wall, 1),
-        "epochs": int(history["epoch"].max()),
-        "best_epoch": metrics["best_epoch"],
-        "val_accuracy": round(metrics["val_accuracy"], 4),
-        "test_accuracy": round(test_accuracy(root, splits), 4),
-        "train_img_s_median": round(float(history["images_per_s"].median()), 1),
+        "model": params["model"],
+        "train": params["train"],
+        "stage_wall_s": times,
+        "total_wall_s": round(sum(times.values()), 1),
+        "test_accuracy": round(metrics["accuracy"], 4),
+        "test_images": metrics["n"],
+        "test_f1_macro": round(metrics["f1_macro"], 4),
+        "val_accuracy": round(train["val_accuracy"], 4),
+        "best_epoch": train["best_epoch"],
+        "train_img_s": round(float(train["images_per_s"]), 1),
+        **data_figures(project),
         "cpus": os.cpu_count(),
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
