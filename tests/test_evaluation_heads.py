@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tests.conftest import REPO, with_splits, write_pattern_dataset
 from torch import nn
 
+from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.config import EvaluateConfig
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.evaluate import (

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from tests.conftest import pattern_image
-from tests.test_heads import _two_feature_image
-from tests.test_pipeline_e2e import make_project, mlflow_runs, sh
+
+from _datasets import pattern_image, two_feature_image
+from _project import make_project, mlflow_runs, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_heads")]
 
@@ -42,7 +42,7 @@ def _write_multilabel_csv(folder: Path, per_combo: int = 30) -> None:
     for c, combo in enumerate([("bright",), ("striped",), ("bright", "striped")]):
         for i in range(per_combo):
             name = f"c{c}_{i:03d}.png"
-            img = _two_feature_image("bright" in combo, "striped" in combo, rng)
+            img = two_feature_image("bright" in combo, "striped" in combo, rng)
             Image.fromarray(img).save(folder / name)
             lines.append(f"{name},{';'.join(reversed(combo))}")
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import REPO, write_pattern_dataset
-from tests.test_pipeline_e2e import make_project
 
+from _datasets import REPO, write_pattern_dataset
+from _project import make_project
 from imgcls.retrain import (
     REDACTED,
     SKIP_CI,

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.conftest import REPO
 
+from _datasets import REPO
 from imgcls.cli import build_parser
 
 WORKFLOWS = REPO / ".github/workflows"
