@@ -6,8 +6,10 @@ import itertools
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import f1_score
 
 from _project import make_project, mlflow_runs, ran_stages, sh
 
@@ -32,8 +34,16 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     ]:
         assert (root / out).is_file(), out
     metrics = json.loads((root / "metrics/eval.json").read_text())
-    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_0", "recall_9"):
-        assert 0.0 <= metrics[key] <= 1.0
+    # the metrics describe the same test predictions as the confusion data (recomputed here,
+    # independently): a metric from the wrong split, or a mislabelled class, fails
+    conf = pd.read_csv(root / "plots/confusion.csv").astype(str)
+    actual, predicted = conf["actual"], conf["predicted"]
+    assert metrics["accuracy"] == pytest.approx((actual == predicted).mean(), abs=1e-6)
+    assert metrics["f1_macro"] == pytest.approx(
+        f1_score(actual, predicted, average="macro"), abs=1e-6
+    )
+    assert metrics["recall_9"] == pytest.approx((predicted[actual == "9"] == "9").mean(), abs=1e-6)
+    assert metrics["f1_0"] == pytest.approx(f1_score(actual == "0", predicted == "0"), abs=1e-6)
     assert metrics["accuracy"] > 0.8  # 3 epochs on digits; the default 15 reach >= 0.95
 
     dag = sh("dvc", "dag", "--dot", cwd=root).stdout.replace('"', "").replace(" ", "")

@@ -16,6 +16,9 @@ from _datasets import REPO
 from _trainrun import one_thread_env, run_train, train_history, train_metrics, train_project
 
 
+# ~21 s on a loaded 2-core box (two real training processes of 240 images): over the
+# ~20 s that `make test-fast` allows a test
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     model = {"name": "simple_cnn", "kwargs": {"widths": [16, 32], "dropout": 0.2}}
     # Augmentation through DataLoader workers: a resumed run must augment exactly alike.
