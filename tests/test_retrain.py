@@ -437,6 +437,8 @@ def test_failing_stage_pushes_and_commits_nothing(tmp_path: Path) -> None:
     assert "could not log to [redacted]" in report and "the data is broken" in report
     assert "Tr4ck-pw-77" not in report and "mlflow.corp.example" not in report
     assert "Tr4ck-pw-77" not in proc.stderr.split("Its last lines:")[-1]
+    assert "could not log to [redacted]" in proc.stdout  # DVC's output, echoed live, too
+    assert "Tr4ck-pw-77" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -239,7 +239,7 @@ def run(
 
 
 def _run_echoed(cmd: list[str], root: Path) -> subprocess.CompletedProcess[str]:
-    """Run with stdout+stderr merged, copied line by line to our stdout (CI logs stay live)."""
+    """Run with stdout+stderr merged, copied line by line (redacted) to our stdout (live logs)."""
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
@@ -252,7 +252,9 @@ def _run_echoed(cmd: list[str], root: Path) -> subprocess.CompletedProcess[str]:
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            # the job log of a public repository is public too, and GitHub masks only the exact
+            # secret values, not the host of a URI or a login-less form of it
+            sys.stdout.write(redact(line))
             sys.stdout.flush()
             lines.append(line)
     out = "".join(lines)
