@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import with_splits, write_pattern_dataset
 
+from _datasets import with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
 from imgcls.export import (

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import manifest_row, with_splits, write_pattern_dataset
 
+from _datasets import manifest_row, two_feature_image, with_splits, write_pattern_dataset
 from imgcls.config import parse_params
 from imgcls.models.bundle import load_bundle, save_bundle
 from imgcls.predict import InputFile, Predictor, iter_predictions
@@ -162,9 +162,13 @@ def test_binary_head_trains_tunes_a_threshold_and_saves(tmp_path: Path) -> None:
     assert max(h["val_accuracy"] for h in result.history) >= 0.8
     assert meta["task"] == "binary" and meta["threshold_metric"] == "f1"
     (threshold,) = meta["thresholds"]
-    assert 0.0 < threshold < 1.0
     save_bundle(tmp_path / "model.pt", result.model, meta)
     clf, loaded = load_bundle(tmp_path / "model.pt")
+    # the saved threshold is the one that maximises F1 on *val* for the kept weights (a model
+    # saved with 0.5, or tuned on the test split, fails here)
+    xv, yv = data.part("val")
+    val_scores = clf(torch.from_numpy(np.ascontiguousarray(xv))).detach().numpy()[:, 1]
+    assert threshold == pytest.approx(tune_threshold(yv == 1, val_scores), abs=1e-4)
     x, y = data.part("test")
     probs = clf(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy()
     assert probs.shape == (len(y), 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -177,16 +181,6 @@ def test_binary_head_rejects_three_classes(pattern_splits: tuple[Path, Path]) ->
         load_training_data(_params({"head": "binary"}), splits, root, root / "c", progress=False)
 
 
-def _two_feature_image(bright: bool, striped: bool, rng: np.random.Generator) -> np.ndarray:
-    """16 px gray image: `bright` sets the background, `striped` adds vertical stripes."""
-    img = np.full((16, 16), 170.0 if bright else 60.0)
-    if striped:
-        img[:, ::4] += 70.0
-        img[:, 1::4] += 70.0
-    img += rng.normal(0, 12, img.shape)
-    return img.clip(0, 255).astype(np.uint8)
-
-
 def write_multilabel_dataset(root: Path, per_combo: int = 24, seed: int = 0) -> pd.DataFrame:
     """Real PNGs with the label sets {bright}, {striped}, {bright, striped}: splits-shaped rows."""
     rng = np.random.default_rng(seed)
@@ -197,7 +191,7 @@ def write_multilabel_dataset(root: Path, per_combo: int = 24, seed: int = 0) -> 
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_combo):
             path = folder / f"{i:03d}.png"
-            img = _two_feature_image("bright" in combo, "striped" in combo, rng)
+            img = two_feature_image("bright" in combo, "striped" in combo, rng)
             Image.fromarray(img).save(path)
             rows.append(manifest_row(root, path, join_labels(combo)))
     return pd.DataFrame(rows)

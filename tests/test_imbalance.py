@@ -15,8 +15,9 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
-from tests.conftest import REPO, manifest_row, with_splits, write_pattern_dataset
 
+from _datasets import REPO, manifest_row, with_splits, write_pattern_dataset
+from _trainrun import run_train, train_history, train_project
 from imgcls.config import ConfigError, parse_params
 from imgcls.data.augment import build_transform
 from imgcls.data.sources import digits_images
@@ -330,8 +331,6 @@ def test_the_train_stage_records_show_the_rare_class(
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_weights_and_sampler(tmp_path: Path) -> None:
-    from tests.test_train_processes import _history, _project, _train
-
     # As in test_train_processes: no BatchNorm or dropout, so DDP's averaged gradient equals
     # the single-process one, and the weighted loss and drawn batches must agree too.
     model = {"name": "mlp", "kwargs": {"hidden": [32], "dropout": 0.0}}
@@ -344,14 +343,14 @@ def test_torchrun_two_processes_match_one_with_weights_and_sampler(tmp_path: Pat
     }
     one, two = tmp_path / "one", tmp_path / "two"
     for root in (one, two):
-        _project(root, model, train, [], per_class=30)
-    single = _train(one)
+        train_project(root, model, train, [], per_class=30)
+    single = run_train(one)
     assert single.returncode == 0, single.stderr
-    ddp = _train(
+    ddp = run_train(
         two, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"
     )
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stderr.count("imbalance: class_weights") == 1  # only rank 0 logs
     pd.testing.assert_frame_equal(
-        _history(two).drop(columns=["lr"]), _history(one).drop(columns=["lr"]), rtol=1e-4
+        train_history(two).drop(columns=["lr"]), train_history(one).drop(columns=["lr"]), rtol=1e-4
     )

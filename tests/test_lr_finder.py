@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,10 @@ def test_range_test_falls_then_diverges(pattern_splits: tuple[Path, Path]) -> No
     assert s.min() < 0.5 * s[0]  # the loss fell ...
     assert s[-1] > 2 * s.min()  # ... then blew up
     assert int(np.argmin(s)) < len(s) - 1
-    assert 1e-5 <= result.suggestion <= result.lrs[-1] <= 10
     assert result.suggestion in result.lrs  # a learning rate that was actually tried
+    # ... where the smoothed loss was falling (a sign error, picking the steepest *rise*, fails)
+    i = list(result.lrs).index(result.suggestion)
+    assert s[min(i + 2, len(s) - 1)] < s[max(i - 2, 0)]
     assert result.suggestion <= result.min_loss_lr
     frame = result.frame()
     assert list(frame.columns) == ["step", "lr", "loss", "smoothed_loss"]
@@ -154,8 +157,12 @@ def test_cli_writes_the_plot_and_prints_the_command(
     assert plot.read_bytes()[:8] == PNG_MAGIC
     with Image.open(plot) as img:
         assert img.format == "PNG" and img.width > 300 and img.height > 200
-    assert 1e-5 <= _suggested(out) <= 10
-    assert "steepest descent" in out and "minimum of the smoothed loss / 10" in out
+    # the command to run carries the suggested (steepest-descent) rate, not the other rule's
+    steepest = re.search(r"steepest descent of the smoothed loss:\s+lr = (\S+)", out)
+    min_rule = re.search(r"minimum of the smoothed loss / 10:\s+lr = (\S+)", out)
+    assert steepest and min_rule, out
+    assert _suggested(out) == float(steepest.group(1))
+    assert 1e-5 <= _suggested(out) <= 10  # inside the swept range (--start .. default end)
     assert not list(root.rglob(".*.tmp"))
 
 

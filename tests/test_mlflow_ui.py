@@ -1,6 +1,8 @@
 """The real MLflow UI: headless Chromium shows two `dvc exp run -S` runs side by side.
 
-Needs the Debian packages `chromium` and `chromium-driver`; skipped with a reason without them.
+Needs the Debian packages `chromium` and `chromium-driver`. Without them the test is skipped with
+a reason on a developer's machine, but *fails* where `CI=true` (GitHub Actions sets it): CI is
+meant to run it (`.ci/run` installs both), and a skip there would pass silently forever.
 Set IMGCLS_UPDATE_SCREENSHOT=1 to also refresh docs/img/mlflow-compare.png from this run.
 """
 
@@ -9,26 +11,29 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from tests.conftest import REPO
-from tests.test_mlflow_server import Server, run, start_server
-from tests.test_pipeline_e2e import make_project
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("e2e"),
-    pytest.mark.skipif(
-        not (shutil.which("chromium") or shutil.which("chromium-browser"))
-        or not shutil.which("chromedriver"),
-        reason="needs Debian packages: apt-get install chromium chromium-driver",
-    ),
-]
+from _ci import require_tool
+from _datasets import REPO
+from _mlflow_server import Server, run
+from _project import make_project
+
+INSTALL = "apt-get install -y chromium chromium-driver (Debian / Ubuntu; .ci/run does it as root)"
+
+
+def missing_browser() -> str | None:
+    """What is missing for the UI test, or None."""
+    missing = []
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        missing.append("chromium")
+    if not shutil.which("chromedriver"):
+        missing.append("chromedriver")
+    return " and ".join(missing) or None
 
 
 def _screenshot_module():
@@ -66,18 +71,30 @@ def metric_columns(page_text: str, metric: str) -> list[float]:
     return values[i * per_run : (i + 1) * per_run]
 
 
+@pytest.mark.parametrize("ci", ["true", "", "false"])
+def test_missing_browser_fails_in_ci_and_skips_elsewhere(
+    ci: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine with neither installed
+    assert missing_browser() == "chromium and chromedriver"
+    env = {"CI": ci}
+    # nothing missing: neither skip nor fail, whatever CI says
+    require_tool(None, INSTALL, env)
+    expected = pytest.fail.Exception if ci == "true" else pytest.skip.Exception
+    with pytest.raises(expected, match="chromedriver.*apt-get install -y chromium chromium-driver"):
+        require_tool("chromedriver", INSTALL, env)
+
+
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[Server]:
-    """A real tracking server for one test, always terminated."""
-    server = start_server(tmp_path / "server")
-    try:
-        yield server
-    finally:
-        server.stop()
+def browser() -> None:
+    """Chromium + chromedriver, checked before the (slow) server and projects are set up."""
+    require_tool(missing_browser(), INSTALL)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("e2e")
 def test_compare_view_shows_two_experiments_side_by_side(
-    tmp_path: Path, mlflow_server: Server
+    browser: None, tmp_path: Path, mlflow_server: Server
 ) -> None:
     shots = _screenshot_module()
     root = make_project(tmp_path / "proj", train={"epochs": 1})

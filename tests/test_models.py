@@ -110,7 +110,8 @@ def test_pretrained_offline_fails_fast_with_advice(offline_hub: Path) -> None:
     t0 = time.perf_counter()
     with pytest.raises(ModelError, match="model.pretrained_path") as info:
         create_model("resnet18", in_chans=3, num_classes=2, image_size=32, pretrained=True)
-    assert time.perf_counter() - t0 < 10  # huggingface_hub alone retries for ~50 s
+    # huggingface_hub alone retries for ~50 s; 25 s tells the two apart on a loaded machine
+    assert time.perf_counter() - t0 < 25
     assert "resnet18" in str(info.value) and ".safetensors" in str(info.value)
     with pytest.raises(ModelError, match="no published weights"):
         create_model("simple_cnn", in_chans=1, num_classes=2, image_size=16, pretrained=True)

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import REPO, write_pattern_dataset
-from tests.test_pipeline_e2e import make_project
 
+from _datasets import REPO, write_pattern_dataset
+from _project import make_project
 from imgcls.retrain import (
+    REDACTED,
     SKIP_CI,
+    UI_URL_ENV,
     GateResult,
     RetrainConfig,
     RetrainError,
@@ -28,7 +30,9 @@ from imgcls.retrain import (
     mlflow_link,
     ran_stages,
     read_metric,
+    redact,
     resolve_ref,
+    run,
     validation_summary,
     write_report,
 )
@@ -199,13 +203,118 @@ def test_commit_takes_only_lock_and_metrics_and_skips_ci(tmp_path: Path) -> None
 
 def test_mlflow_link_for_server_local_store_and_no_run(tmp_path: Path) -> None:
     run_file = tmp_path / "run.json"
-    run_file.write_text(json.dumps({"run_id": "abc123", "tracking_uri": "https://ml.example/"}))
-    assert mlflow_link(run_file) == "[MLflow run `abc123`](https://ml.example/#/runs/abc123)"
+    server = "https://alice:pw-0123@ml.example:5000/"
+    run_file.write_text(json.dumps({"run_id": "abc123", "tracking_uri": server}))
+    # a server's URI is never shown (it may hold a login; the report becomes a PR comment) ...
+    line = mlflow_link(run_file, env={})
+    assert "abc123" in line and "ml.example" not in line and "alice" not in line
+    # ... a link appears only with the public UI address, set on purpose
+    public = {UI_URL_ENV: "https://mlflow.example.org/"}
+    assert mlflow_link(run_file, env=public) == (
+        "[MLflow run `abc123`](https://mlflow.example.org/#/runs/abc123)"
+    )
     run_file.write_text(json.dumps({"run_id": "abc123", "tracking_uri": "sqlite:////x/mlflow.db"}))
-    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in mlflow_link(run_file)
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in mlflow_link(run_file, env={})
     run_file.write_text(json.dumps({"run_id": None}))
     assert "disabled" in mlflow_link(run_file)
     assert "No MLflow run" in mlflow_link(tmp_path / "missing.json")
+
+
+# Real-looking secrets (AWS's documented example key, a GitHub token's shape) as CI would hold
+# them, and tool output quoting them the way DVC, botocore, requests and git print errors.
+SECRET_ENV = {
+    "MLFLOW_TRACKING_URI": "https://ci-bot:Tr4ck-pw-77@mlflow.corp.example:5000/",
+    "MLFLOW_TRACKING_USERNAME": "ci-bot",
+    "MLFLOW_TRACKING_PASSWORD": "Tr4ck-pw-77",
+    "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "DVC_REMOTE_URL": "s3://imgcls-private-store/cache",
+    "MY_SERVICE_TOKEN": "tok-9f8e7d6c5b4a",
+}
+LEAKY_OUTPUT = """\
+ERROR: failed to push data to the cloud - An error occurred (SignatureDoesNotMatch) when calling \
+the PutObject operation: aws_access_key_id=AKIAIOSFODNN7EXAMPLE \
+aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
+ERROR: unexpected error - s3://imgcls-private-store/cache/files/md5/3f/2a: Forbidden
+requests.exceptions.HTTPError: 401 Client Error: Unauthorized for url: \
+https://ci-bot:Tr4ck-pw-77@mlflow.corp.example:5000/api/2.0/mlflow/runs/create
+MlflowException: API request to https://mlflow.corp.example:5000/api/2.0/mlflow/runs/create \
+failed: HTTPSConnectionPool(host='mlflow.corp.example', port=5000)
+fatal: unable to access 'https://x-access-token:\
+ghs_16C7e42F292c6912E7710c838347Ae178B4a@github.com/o/r/': 403
+> GET /data?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F2026&X-Amz-Signature=9e1f0c2d3b4a HTTP/1.1
+> Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjaS1ib3QifQ.c2lnbmF0dXJlLXZhbHVl
+service said: tok-9f8e7d6c5b4a is not valid (password: hunter2-long)
+"""
+LEAKED = [
+    "Tr4ck-pw-77",
+    "mlflow.corp.example",
+    "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "imgcls-private-store",
+    "ghs_16C7e42F292c6912E7710c838347Ae178B4a",
+    "9e1f0c2d3b4a",
+    "eyJhbGciOiJIUzI1NiJ9",
+    "tok-9f8e7d6c5b4a",
+    "hunter2-long",
+]
+
+
+def test_redact_removes_every_secret_and_keeps_the_message() -> None:
+    clean = redact(LEAKY_OUTPUT, env=SECRET_ENV)
+    assert [s for s in LEAKED if s in clean] == []
+    # what the reader needs stays: which operation failed, with which status
+    for kept in ("SignatureDoesNotMatch", "PutObject", "401 Client Error", "/api/2.0/mlflow/runs"):
+        assert kept in clean
+    assert clean.count(REDACTED) >= len(LEAKED)
+    # the patterns alone (no env given: a laptop without the secrets) still catch the shapes
+    bare = redact(LEAKY_OUTPUT, env={})
+    for shape in ("Tr4ck-pw-77", "AKIAIOSFODNN7EXAMPLE", "ghs_16C7e42F", "eyJhbGci", "hunter2"):
+        assert shape not in bare
+    # ordinary text is left alone: short env values and words that merely mention secrets
+    text = "stage `train` failed at main; see the secrets section of docs/ci.md (2 tokens)"
+    assert redact(text, env={"SOME_KEY": "1", "CI_TOKEN": "train", "A_SECRET": "main"}) == text
+
+
+def test_report_and_job_summary_hold_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PR comment / job summary of a failed run whose DVC error quotes every secret."""
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    root = git_repo(tmp_path / "repo")
+    (root / "models").mkdir()
+    uri = SECRET_ENV["MLFLOW_TRACKING_URI"]
+    (root / "models/run.json").write_text(json.dumps({"run_id": "r1", "tracking_uri": uri}))
+    (root / "reports").mkdir()
+    (root / "reports/validation.md").write_text(
+        f"# Data validation: FAILED\n\nsource {SECRET_ENV['DVC_REMOTE_URL']} unreadable\n"
+    )
+    from imgcls.retrain import RetrainResult
+
+    cfg = config(root)
+    error = f"`dvc push` failed (exit 1):\n{LEAKY_OUTPUT}"
+    text = build_report(root, cfg, RetrainResult(ran_stages=["train"]), None, error=error)
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    write_report(text, cfg.report)
+    for written in (text, cfg.report.read_text(), summary.read_text()):
+        assert [s for s in LEAKED if s in written] == []
+        assert "`dvc push` failed" in written and "`train`" in written and "r1" in written
+    # and a report built elsewhere is redacted on the way out as well
+    write_report(f"raw {uri}", tmp_path / "raw.md")
+    assert "Tr4ck" not in (tmp_path / "raw.md").read_text()
+
+
+def test_failed_command_error_is_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool whose error quotes the secrets: the RetrainError (printed to the log) does not."""
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    script = "import os, sys; sys.exit('cannot reach ' + os.environ['MLFLOW_TRACKING_URI'])"
+    with pytest.raises(RetrainError) as err:
+        run([sys.executable, "-c", script], tmp_path)
+    assert "cannot reach [redacted]" in str(err.value)
+    assert "Tr4ck" not in str(err.value) and "mlflow.corp.example" not in str(err.value)
 
 
 def test_report_has_verdict_validation_figure_and_goes_to_job_summary(
@@ -232,7 +341,7 @@ def test_report_has_verdict_validation_figure_and_goes_to_job_summary(
     assert "`data/images.dvc`" in text and "`ingest`, `train`" in text
     assert "**Data validation: PASSED**" in text and "Expectations" not in text
     assert "`reports/figures/confusion_matrix.png`" in text
-    assert "http://h/#/runs/r1" in text
+    assert "MLflow run `r1`" in text and "http://h" not in text  # no server URI in a comment
     assert validation_summary(root / "nope.md").startswith("_No validation report")
 
     summary = tmp_path / "summary.md"
@@ -291,9 +400,11 @@ stages:
           cache: false
 """
 TOY_SCORE = """\
-import json, pathlib, sys
+import json, os, pathlib, sys
 text = pathlib.Path("data/images/score.txt").read_text().strip()
 if text == "boom":
+    # as a stage's traceback may: quote the tracking server it could not reach
+    print("could not log to", os.environ.get("MLFLOW_TRACKING_URI"), file=sys.stderr)
     sys.exit("score.py: the data is broken")
 pathlib.Path("out").mkdir(exist_ok=True)
 pathlib.Path("out/model.txt").write_text(text)
@@ -314,7 +425,7 @@ def test_failing_stage_pushes_and_commits_nothing(tmp_path: Path) -> None:
     sh("dvc", "add", "-q", "data/images", cwd=root)
     before = commit_all(root, "toy pipeline")
 
-    proc = sh(str(BIN / "imgcls"), "retrain", cwd=root, check=False)
+    proc = sh(str(BIN / "imgcls"), "retrain", cwd=root, check=False, env=SECRET_ENV)
     assert proc.returncode == 1
     assert "dvc repro" in proc.stderr and "the data is broken" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -322,6 +433,12 @@ def test_failing_stage_pushes_and_commits_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "remote").exists()  # nothing was pushed
     report = (root / "reports/retrain.md").read_text()
     assert report.startswith("# Retrain failed") and "`ingest`" in report
+    # the stage's tail is quoted, its secrets are not (the report becomes a PR comment)
+    assert "could not log to [redacted]" in report and "the data is broken" in report
+    assert "Tr4ck-pw-77" not in report and "mlflow.corp.example" not in report
+    assert "Tr4ck-pw-77" not in proc.stderr.split("Its last lines:")[-1]
+    assert "could not log to [redacted]" in proc.stdout  # DVC's output, echoed live, too
+    assert "Tr4ck-pw-77" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- end to end

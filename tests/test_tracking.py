@@ -86,7 +86,8 @@ def test_unreachable_server_fails_fast_with_a_clear_message(store: str) -> None:
     t0 = time.monotonic()
     with pytest.raises(TrackingError) as err:
         Run.start(TrackingConfig(uri=uri))
-    assert time.monotonic() - t0 < 10  # MLflow's own retry loop would take minutes
+    # MLflow's own retry loop takes minutes; 30 s leaves room for a loaded CI machine
+    assert time.monotonic() - t0 < 30
     message = str(err.value)
     assert (
         uri in message and "tracking.enabled: false" in message and "MLFLOW_TRACKING_URI" in message
@@ -156,7 +157,9 @@ def test_dropped_store_is_best_effort_and_says_what_was_lost(
         dropped.log_dict({"a": 1}, "evaluation/confusion_matrix.json")
         dropped.end()
         dropped.warn_not_logged("train")
-    assert time.monotonic() - t0 < 15  # the first failure costs a short retry, the rest nothing
+    # the first failure costs a short retry, the rest nothing; without that, each of the seven
+    # calls would sit in MLflow's retry loop for minutes (60 s: room for a loaded machine)
+    assert time.monotonic() - t0 < 60
     assert dropped.not_logged[:5] == [f"metrics (step {i})" for i in range(1, 6)]
     summary = describe_not_logged(dropped.not_logged)
     assert summary == (
@@ -253,7 +256,9 @@ def test_probe_is_cheap_and_fails_before_any_training(
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match="tracking.enabled: false") as err:
         start_pipeline_run(params, splits_csv=tmp_path / "s", reports_dir=tmp_path, device="cpu")
-    assert time.monotonic() - t0 < 2 and uri in str(err.value)
+    # the probe answers before MLflow's retry loop (minutes) could start; 30 s is generous on
+    # purpose, as a loaded 2-core machine can take seconds just to import and connect
+    assert time.monotonic() - t0 < 30 and uri in str(err.value)
     probe(f"sqlite:///{tmp_path}/mlflow.db")  # a writable folder passes
     assert not (tmp_path / "mlflow.db").exists()  # the probe creates nothing
 

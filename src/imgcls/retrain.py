@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -33,6 +36,10 @@ SKIP_CI = "[skip ci]"  # GitHub skips push / pull_request workflows for commits 
 LOCK_FILE = "dvc.lock"
 DVC_FILES = "*.dvc"  # git pathspec: without `:(glob)` magic `*` also matches `/`
 REPRO_TAIL_LINES = 15  # of a failed `dvc repro`, quoted in the error and the report
+# A public base URL of the MLflow UI for the report's run link (a repository *variable*, not a
+# secret). The tracking URI itself never goes into the report: it can carry a login, and the
+# report becomes a pull-request comment, which GitHub does not mask.
+UI_URL_ENV = "IMGCLS_MLFLOW_UI_URL"
 
 
 class RetrainError(ImgclsError):
@@ -107,6 +114,97 @@ class RetrainResult:
     report: str = ""  # the Markdown report
 
 
+# ----------------------------------------------------------------------------- redaction
+
+REDACTED = "[redacted]"
+# Environment variables whose values are secrets wherever they appear (GitHub masks secrets in
+# the job log, but not in a pull-request comment, and not the derived forms a tool may print).
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|KEY|CREDENTIAL", re.IGNORECASE)
+SECRET_URIS = ("MLFLOW_TRACKING_URI", "DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT_URL")
+# Shorter values would redact ordinary words ("1", "true", "main"); no real key is that short.
+MIN_SECRET_LEN = 6
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # a login in a URL: https://user:password@host, s3://KEY:SECRET@bucket, https://token@host
+    (re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE), rf"\1{REDACTED}@"),
+    # HTTP authorisation headers as curl / requests / git print them
+    (
+        re.compile(r"\b(authorization\s*[:=]\s*(?:(?:basic|bearer|token)\s+)?)\S+", re.IGNORECASE),
+        rf"\1{REDACTED}",
+    ),
+    # credentials in query strings (pre-signed S3 / Azure SAS URLs, ?token=...)
+    (
+        re.compile(
+            r"([?&](?:[\w-]*(?:token|signature|credential|secret|password|key)[\w-]*|sig)=)"
+            r"[^&\s\"'<>)]+",
+            re.IGNORECASE,
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # name = value / name: value for anything named like a secret (config dumps, env listings)
+    (
+        re.compile(
+            r"\b([\w.-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key(?:[_-]id)?)"
+            r"[\w.-]*[\"']?\s*[=:]\s*[\"']?)[^\s\"',;]+",
+            re.IGNORECASE,
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # well-known token shapes, whatever surrounds them
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,})"), REDACTED),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),  # AWS access key ids
+    (re.compile(r"\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"), REDACTED),  # JWTs (bearer tokens)
+    (re.compile(r"\bdapi[0-9a-f]{32}\b"), REDACTED),  # Databricks tokens (MLflow on Databricks)
+]
+
+
+def _uri_forms(value: str) -> set[str]:
+    """A secret URI and the forms tools print it in: without its login, origin only, host."""
+    forms = {value, value.rstrip("/")}
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # not a URL (or a bad port): the value itself is all there is to hide
+        return forms
+    if parts.scheme and parts.hostname:
+        netloc = parts.hostname + (f":{port}" if port else "")
+        origin = f"{parts.scheme}://{netloc}"
+        forms |= {origin, f"{origin}{parts.path}".rstrip("/"), netloc}
+        if "." in parts.hostname:  # a server's name; `localhost` alone is no secret
+            forms.add(parts.hostname)
+    return forms
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values to hide: the tracking / remote URIs and every *TOKEN* *PASSWORD* *SECRET* *KEY*.
+
+    Longest first, so that a URI is replaced whole before its host name alone is.
+    """
+    env = os.environ if env is None else env
+    found: set[str] = set()
+    for name, value in env.items():
+        value = value.strip()
+        if not value:
+            continue
+        if name in SECRET_URIS:
+            found |= _uri_forms(value)
+        elif SECRET_NAME.search(name):
+            found.add(value)
+    return sorted((v for v in found if len(v) >= MIN_SECRET_LEN), key=len, reverse=True)
+
+
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` without credentials: secret env values, URL logins, auth headers, token shapes.
+
+    Everything that leaves the runner (the report, the pull-request comment, the job summary)
+    goes through this; see docs/security.md.
+    """
+    for value in secret_values(env):
+        text = text.replace(value, REDACTED)
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -135,13 +233,13 @@ def run(
             "`pip install -e .`) and run again"
         ) from None
     if check and proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()
+        detail = redact((proc.stderr or proc.stdout).strip())
         raise RetrainError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{detail}")
     return proc
 
 
 def _run_echoed(cmd: list[str], root: Path) -> subprocess.CompletedProcess[str]:
-    """Run with stdout+stderr merged, copied line by line to our stdout (CI logs stay live)."""
+    """Run with stdout+stderr merged, copied line by line (redacted) to our stdout (live logs)."""
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
@@ -154,7 +252,9 @@ def _run_echoed(cmd: list[str], root: Path) -> subprocess.CompletedProcess[str]:
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            # the job log of a public repository is public too, and GitHub masks only the exact
+            # secret values, not the host of a URI or a login-less form of it
+            sys.stdout.write(redact(line))
             sys.stdout.flush()
             lines.append(line)
     out = "".join(lines)
@@ -282,7 +382,7 @@ def reproduce(root: Path, force: list[str], ran: list[str]) -> None:
         proc = run(cmd, root, check=False, echo=True)
         ran += [s for s in ran_stages(proc.stdout) if s not in ran]  # a forced stage: once
         if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.strip().splitlines()[-REPRO_TAIL_LINES:])
+            tail = redact("\n".join(proc.stdout.strip().splitlines()[-REPRO_TAIL_LINES:]))
             raise RetrainError(
                 f"`{' '.join(cmd)}` failed (exit {proc.returncode}); nothing was pushed or "
                 "committed, and the failed stage kept its previous outputs and dvc.lock entry. "
@@ -424,8 +524,14 @@ def validation_file(root: Path, cfg: RetrainConfig) -> Path:
     return good
 
 
-def mlflow_link(path: Path) -> str:
-    """A Markdown line pointing at the MLflow run recorded in models/run.json."""
+def mlflow_link(path: Path, env: Mapping[str, str] | None = None) -> str:
+    """A Markdown line naming the MLflow run recorded in models/run.json.
+
+    A tracking *server's* URI is never written: it may hold a login and the report is posted as
+    a pull-request comment. A link appears only when the public UI address is set in
+    $IMGCLS_MLFLOW_UI_URL (in CI the repository variable MLFLOW_UI_URL).
+    """
+    env = os.environ if env is None else env
     if not path.is_file():
         return "_No MLflow run recorded (tracking disabled, or the train stage did not run)._"
     try:
@@ -435,13 +541,19 @@ def mlflow_link(path: Path) -> str:
     run_id, uri = info.get("run_id"), str(info.get("tracking_uri") or "")
     if not run_id:
         return "_MLflow tracking was disabled for this run._"
-    if uri.startswith(("http://", "https://")):
+    ui = env.get(UI_URL_ENV, "").strip()
+    if ui.startswith(("http://", "https://")):
         # MLflow's UI routes `#/runs/<id>` straight to the run's page
-        return f"[MLflow run `{run_id}`]({uri.rstrip('/')}/#/runs/{run_id})"
+        return f"[MLflow run `{run_id}`]({ui.rstrip('/')}/#/runs/{run_id})"
+    if uri.startswith(("sqlite:", "file:", "/")):
+        return (
+            f"MLflow run `{run_id}` in `{uri}`, a store local to this machine (open it with "
+            f"`mlflow ui --backend-store-uri {uri}`; set MLFLOW_TRACKING_URI to a shared server "
+            f"and {UI_URL_ENV} to its public address to get a link here)"
+        )
     return (
-        f"MLflow run `{run_id}` in `{uri}`, a store local to this machine (open it with "
-        f"`mlflow ui --backend-store-uri {uri}`; set MLFLOW_TRACKING_URI to a shared server "
-        "to get a link here)"
+        f"MLflow run `{run_id}` on the tracking server (its address is not shown here; set "
+        f"{UI_URL_ENV} to the UI's public address to get a link)"
     )
 
 
@@ -478,11 +590,13 @@ def build_report(
     where = f"`{cfg.confusion_image}`" if image.is_file() else "_not produced_"
     lines += ["## Confusion matrix", "", f"{where} (in the workflow's `retrain-report` artifact)"]
     lines += ["", "## MLflow", "", mlflow_link(root / cfg.run_file), ""]
-    return "\n".join(lines)
+    # every part above can quote tool output (DVC errors, metrics diff, file names): redact once
+    return redact("\n".join(lines))
 
 
 def write_report(text: str, path: Path) -> None:
     """Write the report file and append it to GitHub's job summary when running in Actions."""
+    text = redact(text)  # idempotent; also holds for a report not made by build_report
     write_text(path, text)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
