@@ -9,16 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# Re-exported for modules that still import them from here (`from tests.conftest import REPO`);
-# new code imports them from _datasets.
-from _datasets import (  # noqa: F401
-    REPO,
-    manifest_row,
-    pattern_image,
-    two_feature_image,
-    with_splits,
-    write_pattern_dataset,
-)
+from _datasets import with_splits, write_pattern_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import with_splits, write_pattern_dataset
 
+from _datasets import with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
 from imgcls.evaluation.evaluate import predict_probs

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import EpsImagePlugin, Image
-from tests.conftest import manifest_row
 
+from _datasets import manifest_row
 from imgcls.data.dataset import DecodeError, _to_uint8, decode_images, infer_channels, load_image
 from imgcls.models.bundle import DEFAULT_LIMITS, load_bundle, save_bundle
 from imgcls.models.registry import create_model

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tests.conftest import write_pattern_dataset
 
+from _datasets import write_pattern_dataset
 from imgcls.models.bundle import save_bundle
 from imgcls.models.registry import create_model
 from imgcls.predict import load_predictor, predict_paths
