@@ -460,6 +460,20 @@ def test_delivered_test_set_is_never_grown_and_leaks_are_excluded_with_twins():
     assert "Kept out of train and val (3 rows)" in md and df.loc[tests[2], "path"] in md
 
 
+def test_a_previous_split_that_grew_the_test_set_is_repaired(caplog):
+    """An old splits.csv with non-test rows in test (the old group-wise rule): moved out."""
+    groups = [[("a", 1, i < 10)] for i in range(60)] + [[("b", 1, i < 10)] for i in range(60)]
+    df = frame(groups)
+    old = assign_splits(df, CFG, seed=0)
+    grown = old["source_split"].eq("") & old["split"].eq("train")
+    old.loc[old.index[grown][:7], "split"] = "test"  # what the old rule did to near-duplicates
+    with caplog.at_level(logging.WARNING, logger="imgcls.split"):
+        again = assign_splits(df, CFG, seed=0, previous=old)
+    assert "7 group(s) were in test in the previous splits.csv" in caplog.text
+    test = again[again["split"] == "test"]
+    assert sorted(test["path"]) == sorted(df.loc[df["source_split"] == "test", "path"])
+
+
 def test_changed_group_rule_resplits_with_a_warning_instead_of_failing(caplog):
     """stable: true with a new data.group rule: a fresh split, no error, no straddling group."""
     hands = [f"h{h:02d}" for h in range(12)]

@@ -678,6 +678,14 @@ def _pin_source_test(
             "trained on), so models trained on the previous split saw part of the test set"
         )
     assign[has_src] = TEST
+    grown = (assign == TEST) & ~has_src
+    if grown.any():  # e.g. a splits.csv from before this rule, or from group-wise moves
+        warnings.append(
+            f"{int(grown.sum())} group(s) were in test in the previous splits.csv but hold no "
+            "row delivered as test; they were placed again (the test split is exactly the "
+            "delivered test set)"
+        )
+        assign[grown] = -1
     return True
 
 
