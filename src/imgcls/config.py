@@ -131,7 +131,11 @@ class ValidateConfig(Strict):
     max_width: int = Field(10_000, ge=1)
     min_height: int = Field(1, ge=1)
     max_height: int = Field(10_000, ge=1)
-    allowed_modes: list[str] = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
+    # Every 16-bit variant the decoder rescales (imageinfo.HIGH_BIT_MODES): a big-endian TIFF
+    # opens as I;16B, not I;16.
+    allowed_modes: list[str] = [
+        "1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"
+    ]  # fmt: skip
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     near_duplicate_threshold: int = Field(4, ge=-1, le=64)  # pHash Hamming distance; -1 = off
     # a pHash candidate pair is a near-duplicate only if its 16x16 thumbnails correlate this much

@@ -7,7 +7,9 @@ re-decode files. The cache key covers the rows (path + sha256), the size and the
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -103,6 +105,36 @@ def cache_key(df: pd.DataFrame, size: int, channels: int) -> str:
     return h.hexdigest()[:20]
 
 
+def npy_bytes(shape: tuple[int, ...]) -> int:
+    """Size of the uint8 `.npy` file of `shape`: header plus pixels."""
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(np.uint8))
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return len(header.getvalue()) + int(np.prod(shape, dtype=np.int64))
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate the disk blocks of `path`'s first `nbytes` now, so a full disk is ENOSPC here.
+
+    `open_memmap` makes a sparse file: without this, running out of space while the workers
+    write through the memory map (another process filling the disk after the free-space
+    check) kills them with SIGBUS instead of raising an error.
+    """
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    with open(path, "r+b") as fh:
+        try:
+            fallocate(fh.fileno(), 0, nbytes)
+        except OSError as err:
+            # ENOSPC goes up to `atomic_path`, which names the target; a filesystem that
+            # cannot reserve space leaves the free-space check as the only guard.
+            if err.errno not in {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}:
+                raise
+
+
 def pixel_limits(df: pd.DataFrame, max_pixels: int | None) -> list[int]:
     """Each row's pixel limit: `max_pixels`, else the default or the size ingest recorded.
 
@@ -145,13 +177,20 @@ def decode_images(
     # Small chunks keep every worker busy to the end; each writes into the memory-mapped file,
     # so no decoded pixels travel back through a pipe and memory stays flat for big datasets.
     chunk = max(64, min(1024, len(paths) // (workers * 8) or 1))
-    bar = tqdm(
-        total=len(paths), desc="decode", unit="img", disable=None if progress else True, leave=False
-    )
-    with atomic_path(target) as tmp:
-        np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, channels)
-        ).flush()
+    shape = (len(paths), size, size, channels)
+    needed = npy_bytes(shape)
+    # Free space is checked (and then reserved) before decoding: a full disk gives one
+    # DiskFullError naming the file, the bytes needed and free, not a SIGBUS in a worker.
+    with atomic_path(target, needed=needed) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+        _reserve(tmp, needed)
+        bar = tqdm(
+            total=len(paths),
+            desc="decode",
+            unit="img",
+            disable=None if progress else True,
+            leave=False,
+        )
         jobs = [
             (str(tmp), i, paths[i : i + chunk], size, channels, limits[i : i + chunk])
             for i in range(0, len(paths), chunk)

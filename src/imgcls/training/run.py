@@ -80,14 +80,26 @@ def load_split_data(
     classes: list[str] | None = None,
     task: Task = "multiclass",
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> SplitData:
     """Read splits.csv and decode its images once (cached across epochs and stages).
 
     `classes` fixes the label order (a saved model's); by default the sorted labels found.
+    `max_pixels` bounds every decoded image (a model's `limits.max_image_pixels` when
+    evaluating it); None: see :func:`imgcls.data.dataset.pixel_limits`.
     """
     frame = read_splits(splits_csv)
     return _split_data(
-        frame, splits_csv, root, image_size, channels, cache_dir, classes, task, progress
+        frame,
+        splits_csv,
+        root,
+        image_size,
+        channels,
+        cache_dir,
+        classes,
+        task,
+        progress,
+        max_pixels,
     )
 
 
@@ -101,6 +113,7 @@ def _split_data(
     classes: list[str] | None,
     task: Task,
     progress: bool,
+    max_pixels: int | None = None,
 ) -> SplitData:
     """Decode the rows of splits.csv and encode their labels for `task`."""
     classes = classes or label_classes(frame["label"], task)
@@ -110,7 +123,9 @@ def _split_data(
             f"{splits_csv}: labels {unknown} are not classes the model knows ({classes})"
         )
     n_channels = infer_channels(frame["mode"]) if channels == "auto" else int(channels)
-    images = decode_images(frame, root, image_size, n_channels, cache_dir, progress=progress)
+    images = decode_images(
+        frame, root, image_size, n_channels, cache_dir, progress=progress, max_pixels=max_pixels
+    )
     labels = encode_labels(frame["label"].tolist(), classes, task)
     return SplitData(
         frame,
@@ -126,7 +141,10 @@ def _split_data(
 def load_training_data(
     params: Params, splits_csv: Path, root: Path, cache_dir: Path, *, progress: bool = True
 ) -> SplitData:
-    """splits.csv decoded for training: the task from `model.head` / `data.multi_label`."""
+    """splits.csv decoded for training: the task from `model.head` / `data.multi_label`.
+
+    Every image is held to `data.max_image_pixels`, the limit ingest checked it against.
+    """
     frame = read_splits(splits_csv)
     multi = params.data.multi_label
     found = label_classes(frame["label"], "multilabel" if multi else "multiclass")
@@ -134,7 +152,16 @@ def load_training_data(
     classes = order_classes(found, task, params.model.positive_class)
     cfg = params.train
     return _split_data(
-        frame, splits_csv, root, cfg.image_size, cfg.channels, cache_dir, classes, task, progress
+        frame,
+        splits_csv,
+        root,
+        cfg.image_size,
+        cfg.channels,
+        cache_dir,
+        classes,
+        task,
+        progress,
+        params.data.max_image_pixels,
     )
 
 
@@ -231,6 +258,9 @@ def train_model(
         "class_weights": result.extra["class_weights"],  # as applied to the loss
         "sampler": cfg.sampler,
         "imgcls_version": imgcls.__version__,
+        # What `imgcls predict` and serving accept per image: the limit this project set for
+        # its own data (ingest, validate, the decode cache), not Pillow's default.
+        "limits": {"max_image_pixels": params.data.max_image_pixels},
     }
     return result, meta
 
