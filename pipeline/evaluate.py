@@ -7,7 +7,7 @@ from imgcls.config import EvaluateConfig, load_params
 from imgcls.evaluation.evaluate import Report, evaluate_data, mlflow_metrics, summary_line
 from imgcls.evaluation.figures import pyplot
 from imgcls.io import atomic_path, write_csv, write_json
-from imgcls.models.bundle import load_bundle
+from imgcls.models.bundle import limits_of, load_bundle
 from imgcls.stage import run_stage
 from imgcls.task import task_of
 from imgcls.tracking import resume_run
@@ -28,6 +28,7 @@ def evaluate(args: argparse.Namespace, cfg: EvaluateConfig) -> Report:
         args.cache_dir,
         classes=meta["classes"],
         task=task,
+        max_pixels=limits_of(meta)["max_image_pixels"],  # the limit the model was trained with
     )
     return evaluate_data(
         clf, data, cfg, where=str(args.splits), task=task, thresholds=meta.get("thresholds")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,3 +57,27 @@ def mlflow_server(tmp_path: Path) -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+SMALL_FS_BYTES = 256 * 1024  # the size of `small_fs`
+
+
+@pytest.fixture()
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted inside tmp_path (needs root; skipped, with the reason, if not)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; run as root to test a full disk")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,28 +21,7 @@ from imgcls.io import write_csv, write_json
 from imgcls.stage import run_stage
 from imgcls.training import checkpoint
 
-SIZE = 256 * 1024
-
-
-@pytest.fixture()
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs mounted inside tmp_path (needs root; skipped, with the reason, if not)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; run as root to test a full disk")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={SIZE}", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs CAP_SYS_ADMIN")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+SIZE = 256 * 1024  # the `small_fs` fixture's size (conftest.py)
 
 
 def _incompressible(n: int, seed: int = 0) -> bytes:

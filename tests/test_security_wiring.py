@@ -7,16 +7,13 @@ decoded-image cache checks free space before it starts, on a real small tmpfs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from tests.conftest import with_splits, write_pattern_dataset
 
+from _datasets import with_splits, write_pattern_dataset
 from imgcls.config import DataConfig, Params, ValidateConfig, load_params, parse_params
 from imgcls.data.dataset import DecodeError, decode_images, npy_bytes
 from imgcls.data.manifest import build_manifest
@@ -28,7 +25,6 @@ from imgcls.predict import load_predictor, predict_paths
 from imgcls.training.run import load_split_data, load_training_data, train_model
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_FS = 256 * 1024
 
 
 def _params(max_image_pixels: int) -> Params:
@@ -139,27 +135,6 @@ def test_a_folder_of_big_endian_16_bit_tiffs_passes_validate(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------- the cache on a full disk
-
-
-@pytest.fixture()
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs mounted inside tmp_path (needs root; skipped, with the reason, if not)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; run as root to test a full disk")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs CAP_SYS_ADMIN")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_the_decode_cache_on_a_full_disk_says_so_before_decoding(
