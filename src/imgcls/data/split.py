@@ -536,6 +536,7 @@ def _leaks_into_test(valid: pd.DataFrame, near_pairs: pd.DataFrame | None) -> pd
     # verified near-duplicate of a test file, in any group (bounded clusters may cut a chain)
     if near_pairs is not None and len(near_pairs):
         index = pd.Series(np.arange(len(valid)), index=paths)
+        index = index[~index.index.duplicated()]  # paths are unique in a valid.csv; be safe
         pa = index.reindex(near_pairs["path"].astype(str)).to_numpy()
         pb = index.reindex(near_pairs["twin"].astype(str)).to_numpy()
         known = ~(np.isnan(pa) | np.isnan(pb))
@@ -579,6 +580,7 @@ def _regrouped_share(valid: pd.DataFrame, previous: pd.DataFrame) -> float:
     old = previous.assign(_p=_column(previous, "path")).drop_duplicates("_p")
     old = old.set_index("_p")["group"].astype(str)
     new = pd.Series(_column(valid, "group").to_numpy(), index=_column(valid, "path").to_numpy())
+    new = new[~new.index.duplicated()]
     common = new.index.intersection(old.index)
     if not len(common):
         return 0.0
