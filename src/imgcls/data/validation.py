@@ -164,7 +164,7 @@ class _Frames:
     combinations: dict[str, int] = field(default_factory=dict)  # multi-label: images per set
     near: NearDuplicates | None = None
     near_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
-    merged: list[dict[str, Any]] = field(default_factory=list)  # merged groups, largest first
+    merged: list[dict[str, Any]] = field(default_factory=list)  # the largest merged groups
 
 
 def _nullify(df: pd.DataFrame) -> pd.DataFrame:
@@ -343,53 +343,58 @@ def _merged_groups(images: pd.DataFrame, comp: np.ndarray) -> np.ndarray:
 def _merged_group_table(
     images: pd.DataFrame, merged: np.ndarray, multi_label: bool
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """One row per group that merging changed: rows, files, classes gained, largest class share.
+    """One row per group that merging changed (largest first), and report entries for the top.
 
-    `new_classes` counts the classes a group holds beyond those of its largest original group
-    (a person's group may hold every class; a merge that *adds* one joined different things).
+    Columns: rows, files, `new_classes` (classes beyond those of its largest original group:
+    a person's group may hold every class; a merge that *adds* one joined different things)
+    and `class_share` (the largest share of a class the group holds). Vectorised: a dataset
+    with many duplicates has as many merged groups.
     """
-    cols = ["group", "rows", "files", "new_classes", "class_share"]
-    original = images["group"].fillna(images["path"]).astype(str).to_numpy()
+    cols = ["group", "rows", "files", "original_groups", "new_classes", "class_share"]
     frame = pd.DataFrame(
         {
             "group": merged,
-            "original": original,
+            "original": images["group"].fillna(images["path"]).astype(str).to_numpy(),
             "label": images["label"].astype(str).to_numpy(),
             "sha256": images["sha256"].astype(str).to_numpy(),
             "path": images["path"].astype(str).to_numpy(),
         }
     )
     if multi_label:
-        frame["label"] = frame["label"].map(split_labels)
-        frame = frame.explode("label")
+        frame = frame.assign(label=frame["label"].map(split_labels)).explode("label")
     n_orig = frame.groupby("group")["original"].nunique()
-    changed = n_orig[n_orig > 1].index
-    if not len(changed):
+    sub = frame[frame["group"].isin(n_orig.index[n_orig > 1])]
+    if sub.empty:
         empty = {c: pd.Series(dtype=object if c == "group" else float) for c in cols}
         return pd.DataFrame(empty), []
-    sub = frame[frame["group"].isin(changed)]
-    per_class = frame["label"].value_counts()
-    entries = []
-    for group, rows in sub.groupby("group", sort=False):
-        classes = rows["label"].value_counts()
-        orig_max = rows.groupby("original")["label"].nunique().max()
-        share = (classes / per_class.reindex(classes.index)).max()
-        paths = sorted(rows["path"].unique())
-        entries.append(
+    per_group = sub.groupby("group")
+    per_cell = sub.groupby(["group", "label"]).size()  # rows of each class in each group
+    class_total = frame["label"].value_counts()
+    share = per_cell / class_total.reindex(per_cell.index.get_level_values("label")).to_numpy()
+    orig_classes = sub.groupby(["group", "original"])["label"].nunique().groupby(level=0).max()
+    table = pd.DataFrame(
+        {
+            "rows": per_group["path"].nunique(),
+            "files": per_group["sha256"].nunique(),
+            "original_groups": per_group["original"].nunique(),
+            "new_classes": per_group["label"].nunique() - orig_classes,
+            "class_share": share.groupby(level=0).max().round(6),
+        }
+    )
+    table = table.rename_axis("group").reset_index()
+    table = table.sort_values(["rows", "group"], ascending=[False, True], ignore_index=True)
+    top = []
+    for r in table.head(LARGEST_SHOWN).itertuples(index=False):
+        members = sub[sub["group"] == r.group]
+        top.append(
             {
-                "group": str(group),
-                "rows": len(paths),
-                "files": int(rows["sha256"].nunique()),
-                "original_groups": int(rows["original"].nunique()),
-                "classes": {str(k): int(v) for k, v in sorted(classes.items())},
-                "new_classes": int(len(classes) - orig_max),
-                "class_share": round(float(share), 6),
-                "paths": paths[: MAX_EXAMPLES * 2],
+                **{c: getattr(r, c) for c in cols},
+                "classes": {str(k): int(v) for k, v in per_cell.loc[r.group].items()},
+                "paths": sorted(members["path"].unique())[: MAX_EXAMPLES * 2],
             }
         )
-    entries.sort(key=lambda e: (-e["rows"], e["group"]))
-    table = pd.DataFrame([{c: e[c] for c in cols} for e in entries])
-    return table, entries
+    top = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in e.items()} for e in top]
+    return table[cols], top
 
 
 def _near_duplicate_clusters(
@@ -897,6 +902,7 @@ def _report(
     images = frames.tables.get("images")
     dup_rows = sum(len(d["paths"]) for d in frames.duplicates)
     near = frames.near
+    merged_table = frames.tables.get("merged_groups", pd.DataFrame())
     summary = {
         "rows": n,
         "valid": len(frames.valid),
@@ -913,9 +919,9 @@ def _report(
         "near_duplicate_verified_pairs": len(near.pairs) if near else 0,
         "near_duplicate_unverifiable_pairs": near.unverifiable if near else 0,
         "near_duplicate_pairs_across_clusters": near.cut if near else 0,
-        "merged_groups": len(frames.merged),
-        "merged_group_rows": sum(m["rows"] for m in frames.merged),
-        "largest_merged_group": frames.merged[0]["rows"] if frames.merged else 0,
+        "merged_groups": len(merged_table),
+        "merged_group_rows": int(merged_table["rows"].sum()) if len(merged_table) else 0,
+        "largest_merged_group": int(merged_table["rows"].max()) if len(merged_table) else 0,
         "groups_before": int(images["group"].nunique()) if images is not None else 0,
         "groups_after": int(valid_groups),
         "expectations": len(outcomes),
