@@ -26,6 +26,9 @@ def setup_logging(verbose: bool = False) -> None:
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage; known errors become one readable message and exit code 1, never a traceback."""
     setup_logging()
+    # MLflow draws a "Downloading artifacts" bar per model it logs or reloads: noise in every
+    # stage log. Set before the logger process starts, so it inherits it; a user's value wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         main()
     except (ImgclsError, ConfigError) as err:
