@@ -148,8 +148,9 @@ def mlflow_lines(run_file: Path, env: Mapping[str, str] | None = None) -> list[s
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
         return [f"MLflow run: {without_password(uri)}/#/runs/{run_id}"]
     return [
-        f"MLflow run {run_id}: mlflow ui --backend-store-uri {uri}",
-        f"  then open {LOCAL_UI}/#/runs/{run_id}",
+        f"MLflow run {run_id}, in a store on this machine; to open it:",
+        f"  mlflow ui --backend-store-uri {uri}",
+        f"  then {LOCAL_UI}/#/runs/{run_id}",
     ]
 
 
@@ -158,7 +159,7 @@ def figures_line(figures: Path) -> str | None:
     found = [name for name in FIGURES if (figures / name).is_file()]
     if not found:
         return None
-    return f"figures: {figures}/{{{','.join(found)}}}; curves: dvc plots show --open"
+    return f"figures: {', '.join(found)} in {figures}/ (curves: dvc plots show --open)"
 
 
 def summarize(paths: SummaryPaths, ref: str = "HEAD", env: Mapping[str, str] | None = None) -> str:
