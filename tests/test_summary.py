@@ -61,7 +61,7 @@ def test_summary_names_headline_worst_class_figures_and_the_run(project: Path, c
     assert "worst class by F1: dog (F1 0.7900, recall 0.7000, precision 0.9000, 20 test" in out
     assert "train: best epoch 7 of 9, 61.0 s" in out
     assert "vs HEAD: no committed metrics to compare with" in out  # no commit yet
-    assert "confusion_matrix.png in reports/figures/" in out
+    assert "figures: reports/figures/ (confusion_matrix.png)" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{project}/mlflow.db" in out
     assert "http://127.0.0.1:5000/#/runs/abc123" in out
     # fits a terminal; only the command that names the store's path may be longer
@@ -74,8 +74,8 @@ def test_summary_shows_the_change_against_the_committed_metrics(project: Path) -
     assert "vs HEAD: unchanged" in summarize(SummaryPaths())
     _write(project, "metrics/eval.json", {**HEADLINE, "accuracy": 0.925, "f1_macro": 0.85})
     text = summarize(SummaryPaths())
-    assert "accuracy 0.9000 -> 0.9250 (+0.0250)" in text
-    assert "macro-F1 0.8700 -> 0.8500 (-0.0200)" in text
+    assert "vs HEAD: accuracy +0.0250 (was 0.9000)" in text
+    assert "macro-F1 -0.0200 (was 0.8700)" in text
 
 
 def test_summary_without_a_run_says_what_to_do(tmp_path: Path, monkeypatch) -> None:

@@ -20,6 +20,7 @@ from imgcls.errors import ImgclsError
 
 UI_URL_ENV = "IMGCLS_MLFLOW_UI_URL"  # the MLflow UI's public address (as for `imgcls retrain`)
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+WIDTH = 100  # longest line, so that the summary reads in a terminal (store paths excepted)
 
 # Headline keys in the order they are printed, with the words used for them.
 LABELS = {
@@ -90,9 +91,19 @@ def change_line(now: Mapping[str, Any], before: Mapping[str, Any] | None, ref: s
         return f"vs {ref}: no headline metric in common with the committed file"
     if all(now[k] == before[k] for k in keys):
         return f"vs {ref}: unchanged (these are the committed metrics)"
-    return f"vs {ref}: " + ", ".join(
-        f"{LABELS[k]} {before[k]:.4f} -> {now[k]:.4f} ({now[k] - before[k]:+.4f})" for k in keys
-    )
+    changes = [f"{LABELS[k]} {now[k] - before[k]:+.4f} (was {before[k]:.4f})" for k in keys]
+    return wrap_items(f"vs {ref}: ", changes)
+
+
+def wrap_items(prefix: str, items: list[str], width: int = WIDTH) -> str:
+    """`prefix` + comma-separated items, wrapped between items (continuations indented)."""
+    lines = [prefix]
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if len(lines[-1]) + len(piece) > width and lines[-1].strip():
+            lines.append("  ")
+        lines[-1] += piece + " "
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def worst_class_line(details: Mapping[str, Any] | None, multilabel: bool) -> str | None:
@@ -159,7 +170,7 @@ def figures_line(figures: Path) -> str | None:
     found = [name for name in FIGURES if (figures / name).is_file()]
     if not found:
         return None
-    return f"figures: {', '.join(found)} in {figures}/ (curves: dvc plots show --open)"
+    return f"figures: {figures}/ ({', '.join(found)})"
 
 
 def summarize(paths: SummaryPaths, ref: str = "HEAD", env: Mapping[str, str] | None = None) -> str:
@@ -179,6 +190,6 @@ def summarize(paths: SummaryPaths, ref: str = "HEAD", env: Mapping[str, str] | N
     ]
     lines += [line for line in optional if line]
     if details is not None:
-        lines.append(f"every number (per class, val): {paths.details}")
+        lines.append(f"every number: {paths.details}; curves: dvc plots show --open")
     lines += mlflow_lines(paths.run_file, env)
     return "\n".join(lines)
