@@ -65,7 +65,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """
     if rank() == 0:
         print(f"\n{message}", file=sys.stderr)
-    else:
+    elif code == 1:  # not on Ctrl-C, which every rank gets at once
         # torchrun stops every rank once one exits: let rank 0, which almost always fails the
         # same way, speak first; a rank that fails alone still explains itself below
         time.sleep(RANK_EXIT_DELAY_S)

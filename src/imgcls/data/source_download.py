@@ -53,9 +53,7 @@ class UnreachableError(DownloadError):
 
 
 def unreachable_message(errors: list[UnreachableError]) -> str:
-    """One message naming every file to supply by hand (one error keeps its own message)."""
-    if len(errors) == 1:
-        return str(errors[0])
+    """One message naming every file to supply by hand, with where it goes and its digest."""
     lines = [
         f"could not reach {len(errors)} URLs; are you offline? To supply the files by hand, "
         "download each on a machine that can reach it and copy it to the path given (verified, "

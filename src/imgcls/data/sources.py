@@ -894,7 +894,7 @@ def materialise_all(
         except UnreachableError as err:
             unreachable.append(err)
     if len(unreachable) == 1:
-        raise unreachable[0]
+        raise unreachable[0]  # its own message says the same, with the manual-download hint
     if unreachable:
         raise DownloadError(unreachable_message(unreachable))
     return found
