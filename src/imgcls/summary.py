@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from imgcls.errors import ImgclsError
+from imgcls.retrain import UI_URL_ENV  # the MLflow UI's public address, as for the CI report
 
-UI_URL_ENV = "IMGCLS_MLFLOW_UI_URL"  # the MLflow UI's public address (as for `imgcls retrain`)
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 WIDTH = 100  # longest line, so that the summary reads in a terminal (store paths excepted)
 
