@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 pipeline: $(STAMP)  ## run ingest -> validate -> split -> train -> evaluate on params.yaml
 	@git rev-parse --git-dir >/dev/null 2>&1 || { git init -q && git add -A && git -c user.name=imgcls -c user.email=imgcls@localhost commit -qm "initial"; }
 	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show
+	@$(BIN)/imgcls summary
 
 test: $(STAMP)  ## the whole test suite, slow end-to-end tests included (what CI runs)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup

@@ -5,8 +5,9 @@ throw-away git repo), `data.source: fashion-mnist` (Debian's `dataset-fashion-mn
 split 0.85 / 0.075 / 0.075 with the official test set kept as the test split, the recipe's
 model / augment / train sections, tracking on (the project's own mlflow.db). Each stage is run
 with `dvc repro <stage>` in order and timed. Reported: test accuracy from the evaluate stage's
-`metrics/eval.json` (checked to be the official 10,000 test images), the split's and validate's
-key figures (largest merged group, rows kept out as test leaks, class shares) and stage times.
+`reports/eval_details.json` (checked to be the official 10,000 test images), the split's and
+validate's key figures (largest merged group, rows kept out as test leaks, class shares) and
+stage times.
 
     .venv/bin/python bench/bench_train_fashion.py                    # the custom-CNN recipe
     .venv/bin/python bench/bench_train_fashion.py --recipe timm      # a small timm model
@@ -154,8 +155,8 @@ def main() -> None:
     params = write_params(project, RECIPES[args.recipe], args.epochs, args.threads, args.seed)
     commit(project)
     times = run_stages(project)
-    metrics = json.loads((project / "metrics/eval.json").read_text())
-    train = json.loads((project / "metrics/train.json").read_text())
+    metrics = json.loads((project / "reports/eval_details.json").read_text())  # every key
+    train = json.loads((project / "reports/train_details.json").read_text())
     report = {
         "recipe": args.recipe,
         "model": params["model"],

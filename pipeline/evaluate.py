@@ -4,7 +4,13 @@ import argparse
 from pathlib import Path
 
 from imgcls.config import EvaluateConfig, load_params
-from imgcls.evaluation.evaluate import Report, evaluate_data, mlflow_metrics, summary_line
+from imgcls.evaluation.evaluate import (
+    Report,
+    evaluate_data,
+    headline_metrics,
+    mlflow_metrics,
+    summary_line,
+)
 from imgcls.evaluation.figures import pyplot
 from imgcls.io import atomic_path, write_csv, write_json
 from imgcls.models.bundle import limits_of, load_bundle
@@ -43,7 +49,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="data/cache", type=Path)
     ap.add_argument("--model", default="models/model.pt", type=Path)
     ap.add_argument("--run-file", default="models/run.json", type=Path)
-    ap.add_argument("--metrics", default="metrics/eval.json", type=Path)
+    ap.add_argument("--metrics", default="metrics/eval.json", type=Path)  # headline (DVC metric)
+    ap.add_argument("--details", default="reports/eval_details.json", type=Path)  # every key
     ap.add_argument("--confusion-csv", default="plots/confusion.csv", type=Path)
     ap.add_argument("--figures", default="reports/figures", type=Path)
     args = ap.parse_args()
@@ -55,7 +62,8 @@ def main() -> None:
         if run is not None:
             run.end("FAILED")
         raise
-    write_json(args.metrics, report.metrics)
+    write_json(args.details, report.metrics)
+    write_json(args.metrics, headline_metrics(report.metrics))
     write_csv(args.confusion_csv, report.confusion_rows)
     plt = pyplot()
     for name, fig in report.figures.items():
@@ -72,6 +80,7 @@ def main() -> None:
         for name in report.figures:
             run.log_artifact(args.figures / name, "evaluation")
         run.log_artifact(args.metrics, "evaluation")
+        run.log_artifact(args.details, "evaluation")
         run.end("FINISHED")
         run.warn_not_logged("evaluate")
     print(f"evaluate: {summary_line(report.main)} -> {args.metrics}")

@@ -16,7 +16,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="data/cache", type=Path)
     ap.add_argument("--model", default="models/model.pt", type=Path)
     ap.add_argument("--checkpoint", default="models/checkpoints/last.pt", type=Path)
-    ap.add_argument("--metrics", default="metrics/train.json", type=Path)
+    ap.add_argument("--metrics", default="metrics/train.json", type=Path)  # headline (DVC metric)
+    ap.add_argument("--details", default="reports/train_details.json", type=Path)  # best epoch
     ap.add_argument("--history", default="plots/train.csv", type=Path)
     ap.add_argument("--run-file", default="models/run.json", type=Path)
     ap.add_argument("--reports", default="reports", type=Path)
@@ -40,7 +41,7 @@ def main() -> None:
     from imgcls.io import write_csv, write_json
     from imgcls.models.bundle import save_bundle
     from imgcls.training import distributed
-    from imgcls.training.run import load_training_data, train_model
+    from imgcls.training.run import load_training_data, train_metrics, train_model
     from imgcls.training.trainer import select_device
 
     dist = distributed.from_env()
@@ -90,18 +91,10 @@ def main() -> None:
         metadata=meta,
         model_path=args.model,
     )
-    history = pd.DataFrame(result.history)
-    write_csv(args.history, history)
-    best = history[history["epoch"] == result.best_epoch].iloc[0].to_dict()
-    write_json(
-        args.metrics,
-        {
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(history),
-            "stopped_early": result.stopped_early,
-            **{k: float(v) for k, v in best.items() if k != "epoch"},
-        },
-    )
+    write_csv(args.history, pd.DataFrame(result.history))
+    headline, details = train_metrics(result)
+    write_json(args.details, details)
+    write_json(args.metrics, headline)
     write_json(args.run_file, run_info())
     print(f"train: best epoch {result.best_epoch}, {cfg.monitor} {result.best_value:.4f}")
 

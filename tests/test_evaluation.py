@@ -284,8 +284,12 @@ def test_evaluate_stage_writes_its_outputs(pattern_splits: tuple[Path, Path]) ->
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((root / "metrics/eval.json").read_text())
-    assert "val_f1_macro" in metrics
+    headline = json.loads((root / "metrics/eval.json").read_text())
+    metrics = json.loads((root / "reports/eval_details.json").read_text())
+    # DVC's tables show the headline only; every number stays in the details file
+    assert set(headline) == {"accuracy", "balanced_accuracy", "f1_macro", "val_f1_macro"}
+    assert {k: metrics[k] for k in headline} == headline
+    assert "val_f1_macro" in metrics and any(k.startswith("support_") for k in metrics)
     rows = (root / "plots/confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == metrics["n"] + 1
     pairs = [r.split(",") for r in rows[1:]]  # the accuracy is the confusion file's diagonal

@@ -433,8 +433,11 @@ def test_evaluate_stage_binary(tmp_path: Path) -> None:
     proc = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "at threshold 0.420" in proc.stdout
-    metrics = json.loads((tmp_path / "metrics/eval.json").read_text())
+    metrics = json.loads((tmp_path / "reports/eval_details.json").read_text())
     assert metrics["threshold"] == 0.42 and "val_recall_at_threshold" in metrics
+    headline = json.loads((tmp_path / "metrics/eval.json").read_text())
+    assert headline["threshold"] == 0.42 and "f1_at_threshold" in headline
+    assert "val_recall_at_threshold" not in headline and "f1_horizontal" not in headline
     assert "top2_accuracy" not in metrics
     with Image.open(tmp_path / "reports/figures/pr_curves.png") as img:
         assert img.format == "PNG"
@@ -452,7 +455,15 @@ def test_evaluate_stage_multilabel(tmp_path: Path) -> None:
     proc = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "subset accuracy" in proc.stdout
-    metrics = json.loads((tmp_path / "metrics/eval.json").read_text())
+    metrics = json.loads((tmp_path / "reports/eval_details.json").read_text())
     assert "accuracy" not in metrics and metrics["threshold_noisy"] == 0.4
+    headline = json.loads((tmp_path / "metrics/eval.json").read_text())
+    assert set(headline) == {
+        "subset_accuracy",
+        "f1_micro",
+        "f1_macro",
+        "hamming_loss",
+        "val_f1_macro",
+    }
     rows = pd.read_csv(tmp_path / "plots/confusion.csv")
     assert len(rows) == 4 * metrics["n"] and "not noisy" in set(rows["actual"])

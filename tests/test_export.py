@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _datasets import with_splits, write_pattern_dataset
+from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
 from imgcls.export import (
@@ -94,3 +95,12 @@ def test_a_wrong_export_is_caught(trained, tmp_path: Path) -> None:
         load_exported(tmp_path / "none.onnx", "onnx")
     with pytest.raises(ExportError, match="unknown export format"):
         export_model(clf, meta, "tflite", tmp_path / "m.tflite")
+
+
+def test_export_and_dvc_plots_outputs_are_git_ignored() -> None:
+    # rebuilt from models/model.pt / the plot files on demand: never meant for a commit
+    paths = ["models/model.onnx", "models/model.torchscript.pt", "dvc_plots/index.html"]
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == paths, proc.stderr

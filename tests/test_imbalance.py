@@ -319,7 +319,7 @@ def test_the_train_stage_records_show_the_rare_class(
         runpy.run_path(str(REPO / "pipeline/train.py"), run_name="__main__")
         history = pd.read_csv(root / "plots/train.csv")
         assert {f"val_recall_{d}" for d in "0123456789"} <= set(history.columns)
-        metrics = json.loads((root / "metrics/train.json").read_text())
+        metrics = json.loads((root / "reports/train_details.json").read_text())
         _, meta = load_bundle(root / "models/model.pt")
         records[weights] = (history, metrics, meta)
     none, balanced = records["none"], records["balanced"]

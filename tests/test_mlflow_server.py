@@ -45,7 +45,7 @@ def test_pipeline_logs_to_a_real_server_and_reads_back(
     got = client.get_run(info["run_id"])
     assert got.info.status == "FINISHED"
     assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
-    local = json.loads((root / "metrics/eval.json").read_text())
+    local = json.loads((root / "reports/eval_details.json").read_text())
     metrics = got.data.metrics
     assert metrics["test_accuracy"] == pytest.approx(local["accuracy"])
     for digit in range(10):

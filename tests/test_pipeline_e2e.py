@@ -33,7 +33,7 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
         "reports/figures/confusion_matrix.png",
     ]:
         assert (root / out).is_file(), out
-    metrics = json.loads((root / "metrics/eval.json").read_text())
+    metrics = json.loads((root / "reports/eval_details.json").read_text())  # every number
     # the metrics describe the same test predictions as the confusion data (recomputed here,
     # independently): a metric from the wrong split, or a mislabelled class, fails
     conf = pd.read_csv(root / "plots/confusion.csv").astype(str)
@@ -45,6 +45,20 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     assert metrics["recall_9"] == pytest.approx((predicted[actual == "9"] == "9").mean(), abs=1e-6)
     assert metrics["f1_0"] == pytest.approx(f1_score(actual == "0", predicted == "0"), abs=1e-6)
     assert metrics["accuracy"] > 0.8  # 3 epochs on digits; the default 15 reach >= 0.95
+    # DVC's metrics are the headline only: the reports and per-class numbers stay files
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=root).stdout)
+    declared = {name: set(v["data"]) for name, v in shown[""]["data"].items()}
+    assert declared == {
+        "metrics/eval.json": {"accuracy", "balanced_accuracy", "f1_macro", "val_f1_macro"},
+        "metrics/train.json": {
+            "best_epoch",
+            "epochs_run",
+            "train_time_s",
+            "val_accuracy",
+            "val_loss",
+        },
+    }, declared
+    assert "Downloading artifacts" not in first.stdout + first.stderr  # no MLflow progress bars
 
     dag = sh("dvc", "dag", "--dot", cwd=root).stdout.replace('"', "").replace(" ", "")
     order = ["ingest", "validate", "split", "train", "evaluate"]
@@ -61,6 +75,15 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
 
     runs = mlflow_runs(root)
     assert len(runs) == 2
+    summary = sh("imgcls", "summary", cwd=root).stdout
+    after = json.loads((root / "metrics/eval.json").read_text())
+    assert f"test: accuracy {after['accuracy']:.4f}" in summary
+    change = after["accuracy"] - metrics["accuracy"]  # the committed baseline's
+    assert f"vs HEAD: accuracy {change:+.4f} (was {metrics['accuracy']:.4f})" in summary
+    assert "worst class by F1: " in summary and "reports/figures/" in summary
+    exp_run = next(r for r in runs if r.data.tags.get("dvc.exp_name"))
+    assert f"mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db" in summary
+    assert f"#/runs/{exp_run.info.run_id}" in summary
     for run in runs:
         assert run.info.status == "FINISHED"
         assert "test_f1_macro" in run.data.metrics and "test_f1_0" in run.data.metrics

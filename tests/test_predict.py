@@ -275,3 +275,25 @@ def test_input_file_error_rows_keep_the_given_spelling() -> None:
     assert expand_inputs(["does/not/exist.png"]) == [
         InputFile("does/not/exist.png", "no such file or folder")
     ]
+
+
+def test_multilabel_table_shows_each_decided_labels_probability(tmp_path: Path, capsys) -> None:
+    from imgcls.models.registry import create_model
+
+    classes = ["bright", "dark", "striped"]
+    net = create_model("mlp", in_chans=1, num_classes=3, image_size=16, hidden=[])
+    (linear,) = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():  # the same logits for every image: sigmoid 0.881, 0.047, 0.622
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([2.0, -3.0, 0.5]))
+    meta = {
+        **{"arch": "mlp", "model_kwargs": {"hidden": []}, "classes": classes, "image_size": 16},
+        **{"channels": 1, "mean": [0.5], "std": [0.25], "task": "multilabel"},
+        **{"thresholds": [0.5, 0.5, 0.6], "threshold_metric": "f1"},
+    }
+    save_bundle(tmp_path / "model.pt", net, meta)
+    Image.new("L", (16, 16), 128).save(tmp_path / "x.png")
+    main(["predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "model.pt")])
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:3] == ["path", "label", "prob"]
+    assert row.split()[1:3] == ["bright|striped", "0.881|0.622"]

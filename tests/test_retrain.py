@@ -526,7 +526,8 @@ def test_retrain_detects_gates_pushes_and_commits(tmp_path: Path) -> None:
     assert len(manifest) == 1 + 90
     assert remote_files(remote) > first_push  # new images and new outputs went up
     changed = sh("git", "show", "--name-only", "--format=%s", "HEAD", cwd=root).stdout
-    assert SKIP_CI in changed and "dvc.lock" in changed and "metrics/eval.json" in changed
+    # the test supports grew with the new images (the headline may stay at 1.0 on this easy data)
+    assert SKIP_CI in changed and "dvc.lock" in changed and "reports/eval_details.json" in changed
     assert summary.read_text().startswith("# Retrain passed")
     assert (root / "reports/retrain.md").read_text().strip() == summary.read_text().strip()
 

@@ -304,6 +304,21 @@ def test_offline_error_says_how_to_supply_the_file_by_hand(tmp_path: Path, pets_
     assert len(_build(tmp_path, source=src)) == 6
 
 
+def test_offline_error_names_every_missing_file_at_once(tmp_path: Path, pets_zip: bytes) -> None:
+    # the rps preset's shape: two archives, both unreachable; the user must learn of both
+    port = _closed_port()
+    names = ["pets.zip", "pets-test-set.zip"]
+    src = [{"url": f"http://127.0.0.1:{port}/{n}", "sha256": _sha_bytes(pets_zip)} for n in names]
+    with pytest.raises(DownloadError, match="could not reach 2 URLs") as err:
+        _build(tmp_path, source=src)
+    downloads = tmp_path / "data" / "raw" / "downloads"
+    for name in names:
+        assert f"/{name} -> {downloads / name} (sha256 {_sha_bytes(pets_zip)})" in str(err.value)
+    for name in names:  # what the message says to do
+        (downloads / name).write_bytes(pets_zip)
+    assert len(_build(tmp_path, source=src)) == 12
+
+
 def test_missing_sha256_reports_the_digest_to_pin(
     tmp_path: Path, server: Server, pets_zip: bytes
 ) -> None:

@@ -83,3 +83,18 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
         train_history(two).drop(columns=["lr"]), train_history(one).drop(columns=["lr"]), rtol=1e-4
     )
     assert train_metrics(two)["val_accuracy"] == pytest.approx(train_metrics(one)["val_accuracy"])
+
+
+@pytest.mark.slow
+def test_torchrun_error_is_said_once_by_rank_zero(tmp_path: Path) -> None:
+    # every rank meets the same error (15 images per step cannot split over 2 processes)
+    model = {"name": "mlp", "kwargs": {"hidden": [8], "dropout": 0.0}}
+    train_project(tmp_path, model, {"epochs": 1, "batch_size": 15}, [], per_class=10)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone")
+    ddp = run_train(tmp_path, *launcher, "--nproc_per_node=2")
+    assert ddp.returncode != 0
+    said = [line for line in ddp.stderr.splitlines() if line.startswith("train failed:")]
+    assert len(said) == 1 and "must divide evenly over 2 processes" in said[0], ddp.stderr
+    # torchrun's closing summary quotes the message instead of a pointer to its docs
+    assert "traceback : train failed:" in ddp.stderr
+    assert "To enable traceback see" not in ddp.stderr

@@ -36,6 +36,32 @@ def _cmd_params(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
 
 
+def _cmd_summary(args: argparse.Namespace) -> None:
+    """Print the last run's headline metrics, worst class, change, figures and MLflow run."""
+    from imgcls.summary import SummaryPaths, summarize
+
+    paths = SummaryPaths(
+        Path(args.metrics), Path(args.details), Path(args.train), Path(args.run_file)
+    )
+    print(summarize(paths, args.against))
+
+
+def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
+    """`imgcls summary` and its options (defaults match dvc.yaml's paths)."""
+    p = sub.add_parser(
+        "summary",
+        help="the last pipeline run in a few lines (what `make pipeline` ends with)",
+        description="Headline test metrics, the worst class by F1, the change against the "
+        "committed metrics, where the figures are and how to open the MLflow run.",
+    )
+    p.add_argument("--against", default="HEAD", help="git ref to compare with (HEAD)")
+    p.add_argument("--metrics", default="metrics/eval.json")
+    p.add_argument("--details", default="reports/eval_details.json")
+    p.add_argument("--train", default="metrics/train.json")
+    p.add_argument("--run-file", default="models/run.json")
+    p.set_defaults(func=_cmd_summary)
+
+
 def _cmd_retrain(args: argparse.Namespace) -> None:
     """The CI retrain job: detect change, pull, repro, metric gate, push, commit, report."""
     from imgcls.retrain import RetrainConfig, retrain
@@ -292,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="validate params.yaml and print the resolved values")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.set_defaults(func=_cmd_params)
+    _add_summary_parser(sub)
     _add_retrain_parser(sub)
     _add_predict_export_parsers(sub)
     _add_lr_find_parser(sub)

@@ -26,7 +26,7 @@ from imgcls.data.dataset import DECODE_ERRORS, load_image
 from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS, TOO_LARGE_ERRORS, ImageTooLarge
 from imgcls.errors import ImgclsError
 from imgcls.models.bundle import limits_of, load_bundle
-from imgcls.task import Task, decided_labels, task_of
+from imgcls.task import Task, decide, decided_labels, task_of
 
 # What a folder is searched for: the suffixes of the formats imgcls decodes (imageinfo's
 # IMAGE_FORMATS); a file named explicitly is tried whatever its suffix.
@@ -248,6 +248,7 @@ class Prediction:
     error: str | None = None
     decision: str | None = None
     decision_probability: float | None = None  # None for multi-label sets
+    label_probabilities: list[float] = field(default_factory=list)  # multi-label: per label
 
     @property
     def label(self) -> str | None:
@@ -316,12 +317,16 @@ def iter_predictions(
                 decided = decided_labels(
                     predictor.task, probs, predictor.classes, predictor.thresholds
                 )
+                chosen = decide(predictor.task, probs, predictor.thresholds)  # multi-label: (b, K)
                 ok = iter(range(len(images)))
                 for row in rows:
                     if row.error is None:
                         j = next(ok)
                         row.top = [(predictor.classes[c], float(probs[j, c])) for c in order[j]]
                         row.decision, row.decision_probability = decided[j]
+                        if predictor.task == "multilabel":  # in the label set's (class) order
+                            on = np.flatnonzero(chosen[j])
+                            row.label_probabilities = [float(probs[j, c]) for c in on]
             bar.update(len(batch))
             yield from rows
     bar.close()
@@ -385,6 +390,8 @@ def format_table(preds: Sequence[Prediction]) -> str:
         else:
             rest = ", ".join(f"{lab} {v:.3f}" for lab, v in p.top[1:])
             prob = "" if p.probability is None else f"{p.probability:.3f}"
+            if p.label_probabilities:  # a label set: each label's own probability, same order
+                prob = "|".join(f"{v:.3f}" for v in p.label_probabilities)
             lines.append([p.path, p.label or "(none)", prob, rest])
     if not any(row[3] for row in lines):
         header, lines = header[:3], [row[:3] for row in lines]

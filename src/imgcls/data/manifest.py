@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from imgcls.config import DataConfig, GroupConfig
 from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
-from imgcls.data.sources import FoundFile, materialise, resolve_sources, worker_count
+from imgcls.data.sources import FoundFile, materialise_all, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
 from imgcls.task import label_classes
@@ -204,9 +204,7 @@ def build_manifest(
             f"raw data folder {raw_dir} is outside the repository root {root}; manifest paths are "
             "relative to the root, so pass a folder inside it (normally data/raw)"
         )
-    found: list[FoundFile] = []
-    for spec in resolve_sources(cfg, root):
-        found += materialise(spec, cfg, root, raw_dir, progress=progress)
+    found = materialise_all(resolve_sources(cfg, root), cfg, root, raw_dir, progress=progress)
     files = _unique(found, str(root))
 
     cache_dir = raw_dir / CACHE_DIR

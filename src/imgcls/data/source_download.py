@@ -44,6 +44,27 @@ class DownloadError(ImgclsError):
     """A URL that could not be fetched (offline, refused, interrupted, HTTP error)."""
 
 
+class UnreachableError(DownloadError):
+    """A URL that could not be reached at all (offline?): the file must be supplied by hand."""
+
+    def __init__(self, message: str, url: str, dest: Path, sha256: str | None) -> None:
+        super().__init__(message)
+        self.url, self.dest, self.sha256 = url, dest, sha256
+
+
+def unreachable_message(errors: list[UnreachableError]) -> str:
+    """One message naming every file to supply by hand, with where it goes and its digest."""
+    lines = [
+        f"could not reach {len(errors)} URLs; are you offline? To supply the files by hand, "
+        "download each on a machine that can reach it and copy it to the path given (verified, "
+        "not downloaded, when present); then run ingest again:"
+    ]
+    for err in errors:
+        digest = f" (sha256 {err.sha256})" if err.sha256 else ""
+        lines.append(f"  - {err.url} -> {err.dest}{digest}")
+    return "\n".join(lines)
+
+
 class ChecksumError(DownloadError):
     """A downloaded file whose SHA-256 is not the expected one."""
 
@@ -271,9 +292,12 @@ def download(
                 f"{url}: the download was interrupted after {got:,} bytes ({reason}). Run ingest "
                 f"again to resume it from {part}. " + _manual_hint(url, dest, sha256)
             ) from None
-        raise DownloadError(
+        raise UnreachableError(
             f"{url}: could not reach the URL ({reason}); are you offline? "
-            + _manual_hint(url, dest, sha256)
+            + _manual_hint(url, dest, sha256),
+            url,
+            dest,
+            sha256,
         ) from None
     if sha256 is None:  # keep the file under its final name so that pinning it needs no refetch
         os.replace(part, dest)

@@ -35,7 +35,13 @@ from imgcls.data.source_archive import (
     is_archive,
     swap_into_place,
 )
-from imgcls.data.source_download import download, url_filename
+from imgcls.data.source_download import (
+    DownloadError,
+    UnreachableError,
+    download,
+    unreachable_message,
+    url_filename,
+)
 from imgcls.errors import ImgclsError
 from imgcls.io import explain_disk_full
 from imgcls.task import LABEL_SEP, join_labels
@@ -870,3 +876,25 @@ def materialise(
     if spec.split:
         files = [FoundFile(f.path, f.label, spec.split, f.group, f.error) for f in files]
     return [FoundFile(f.path, f.label, f.source_split, f.group, f.error, rule) for f in files]
+
+
+def materialise_all(
+    specs: list[SourceSpec], cfg: DataConfig, root: Path, raw_dir: Path, *, progress: bool = True
+) -> list[FoundFile]:
+    """:func:`materialise` every source; unreachable downloads are named all at once.
+
+    Offline, a preset of two archives (`rps`) would otherwise name one file per run, and the
+    user would learn of the second only after supplying the first.
+    """
+    found: list[FoundFile] = []
+    unreachable: list[UnreachableError] = []
+    for spec in specs:
+        try:
+            found += materialise(spec, cfg, root, raw_dir, progress=progress)
+        except UnreachableError as err:
+            unreachable.append(err)
+    if len(unreachable) == 1:
+        raise unreachable[0]  # its own message says the same, with the manual-download hint
+    if unreachable:
+        raise DownloadError(unreachable_message(unreachable))
+    return found

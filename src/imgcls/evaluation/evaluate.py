@@ -154,12 +154,36 @@ def evaluate_split(
 
 
 def flat_metrics(results: dict[str, SplitEvaluation]) -> dict[str, Any]:
-    """`metrics/eval.json`: test keys bare (`accuracy`), other splits prefixed (`val_accuracy`)."""
+    """Every split's metrics, test keys bare (`accuracy`), others prefixed (`val_accuracy`)."""
     flat: dict[str, Any] = {}
     for split, res in results.items():
         prefix = "" if split == "test" else f"{split}_"
         flat.update({f"{prefix}{k}": v for k, v in res.metrics.items()})
     return flat
+
+
+# What `metrics/eval.json` keeps for `dvc metrics show / diff` and `dvc exp show`: a few numbers
+# per task that fit a terminal. Every other key (per class, weighted, top-k, val's) stays in the
+# details file and in MLflow; a key a task does not produce is simply absent.
+HEADLINE_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "threshold",  # binary: the operating point and the positive class's numbers at it
+    "f1_at_threshold",
+    "precision_at_threshold",
+    "recall_at_threshold",
+    "average_precision",
+    "subset_accuracy",  # multi-label
+    "f1_micro",
+    "hamming_loss",
+    "val_f1_macro",
+)
+
+
+def headline_metrics(flat: dict[str, Any]) -> dict[str, Any]:
+    """The few keys of `flat` (see HEADLINE_KEYS) that `metrics/eval.json` declares to DVC."""
+    return {k: flat[k] for k in HEADLINE_KEYS if k in flat}
 
 
 def mlflow_metrics(flat: dict[str, Any]) -> dict[str, float]:
@@ -188,7 +212,7 @@ class Report:
     """Everything the evaluate stage writes, still in memory."""
 
     main: SplitEvaluation  # the split the figures describe (test if evaluated)
-    metrics: dict[str, Any]  # flat, for metrics/eval.json
+    metrics: dict[str, Any]  # flat, every key (the details file; eval.json keeps the headline)
     confusion_rows: pd.DataFrame  # (actual, predicted) per sample, for `dvc plots`
     figures: dict[str, Any]  # file name -> matplotlib figure
     tables: dict[str, Any]  # file name -> JSON-able data

@@ -289,3 +289,24 @@ def val_thresholds(
     logits, _ = predict_logits(model, prep.to(device), batches, Runtime(device=device))
     probs = probs_numpy(data.task, logits)
     return tune_thresholds(data.task, labels, probs, params.train.threshold_metric)
+
+
+# What `metrics/train.json` keeps for DVC's tables; the best epoch's whole row (per-class val
+# recall, lr, throughput) goes to the details file.
+TRAIN_HEADLINE_KEYS = ("best_epoch", "epochs_run", "train_time_s", "val_accuracy", "val_loss")
+
+
+def train_metrics(result: FitResult) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(headline for metrics/train.json, every figure of the best epoch for the details file)."""
+    history = pd.DataFrame(result.history)
+    best = history[history["epoch"] == result.best_epoch].iloc[0].to_dict()
+    details: dict[str, Any] = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": result.stopped_early,
+        # every epoch's own time, resumed ones included: the cost of this model, not of one run
+        "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
+        **{k: float(v) for k, v in best.items() if k != "epoch"},
+    }
+    headline = {k: details[k] for k in TRAIN_HEADLINE_KEYS if k in details}
+    return headline, details
