@@ -21,7 +21,6 @@ params, `data.group.by: none`), and the groups in `data/interim/valid.csv` are s
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import os
@@ -40,15 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from project import REPO, bench_env, copy_project
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
+# A transform returns the copy and how to save it (format and encoder options).
 Transform = Callable[[Image.Image, np.random.Generator], tuple[Image.Image, dict]]
-# (JPEG copies are written by the encoder directly; `jpeg` documents the transform.)
+PNG: dict = {"format": "PNG"}
 
 
 def jpeg(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    """Re-encode as JPEG, quality 60-95."""
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=int(rng.integers(60, 96)))
-    return Image.open(io.BytesIO(buf.getvalue())), {"format": "JPEG"}
+    """Re-encode as JPEG, quality 60-95 (the encoder writes the copy's bytes)."""
+    return im, {"format": "JPEG", "quality": int(rng.integers(60, 96))}
 
 
 def resize(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
@@ -57,14 +55,14 @@ def resize(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict
     w = max(1, round(im.width * f))
     w = w if w != im.width else im.width + 1
     h = max(1, round(im.height * w / im.width))
-    return im.resize((w, h), Image.Resampling.BICUBIC), {}
+    return im.resize((w, h), Image.Resampling.BICUBIC), PNG
 
 
 def crop(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
     """Cut 3-8 % off every side."""
     f = rng.uniform(0.03, 0.08)
     dx, dy = max(1, round(im.width * f)), max(1, round(im.height * f))
-    return im.crop((dx, dy, im.width - dx, im.height - dy)), {}
+    return im.crop((dx, dy, im.width - dx, im.height - dy)), PNG
 
 
 def shift(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
@@ -73,12 +71,12 @@ def shift(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]
     arr = np.asarray(im)
     out = np.full_like(arr, arr[0, 0])
     out[d:, d:] = arr[:-d, :-d]
-    return Image.fromarray(out), {}
+    return Image.fromarray(out), PNG
 
 
 def brightness(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
     """Brightness x 0.8-1.2."""
-    return ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2)), {}
+    return ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2)), PNG
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -125,12 +123,9 @@ def build(root: Path, name: str, copies: int, seed: int) -> pd.DataFrame:
         rows.append({"path": f"data/raw/images/c{lab}/o{i:05d}.png", "orig": i, "kind": ""})
     for t, fn in TRANSFORMS.items():
         for i in rng.choice(len(x), copies, replace=False):
-            ext = "jpg" if t == "jpeg" else "png"
-            rel = f"images/c{y[i]}/{t}-{i:05d}.{ext}"
-            if t == "jpeg":  # the encoded bytes themselves, at the random quality
-                Image.fromarray(x[i]).save(root / rel, "JPEG", quality=int(rng.integers(60, 96)))
-            else:
-                fn(Image.fromarray(x[i]), rng)[0].convert("L").save(root / rel)
+            im, save = fn(Image.fromarray(x[i]), rng)
+            rel = f"images/c{y[i]}/{t}-{i:05d}.{'jpg' if save['format'] == 'JPEG' else 'png'}"
+            im.convert("L").save(root / rel, **save)
             rows.append({"path": f"data/raw/{rel}", "orig": i, "kind": t})
     return pd.DataFrame(rows)
 

@@ -273,16 +273,10 @@ def load_thumbnails(
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of thumbnail pairs (rows); flat images match flat images of one tone."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    ma, mb = a.mean(axis=1, keepdims=True), b.mean(axis=1, keepdims=True)
-    sa, sb = a.std(axis=1), b.std(axis=1)
-    flat_a, flat_b = sa < FLAT_STD, sb < FLAT_STD
-    za = (a - ma) / np.maximum(sa, 1e-9)[:, None]
-    zb = (b - mb) / np.maximum(sb, 1e-9)[:, None]
-    r = (za * zb).mean(axis=1)
+    flat_a, flat_b = a.std(axis=1) < FLAT_STD, b.std(axis=1) < FLAT_STD
+    r = (_normalise(a) * _normalise(b)).mean(axis=1)
     # No structure to correlate: two flat images are copies when of one tone, else distinct.
-    tone = np.abs(ma - mb).ravel() <= FLAT_MEAN_TOLERANCE
+    tone = np.abs(a.mean(axis=1) - b.mean(axis=1)) <= FLAT_MEAN_TOLERANCE
     r = np.where(flat_a & flat_b, np.where(tone, 1.0, 0.0), r)
     return np.where(flat_a ^ flat_b, 0.0, r)
 
