@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.config import DataConfig
-from imgcls.data import sources
 from imgcls.data.manifest import CACHE_DIR, build_manifest
+from imgcls.data.sources import presets
 
 TARGET_COLD_S = 60.0
 TARGET_REINGEST_S = 10.0
@@ -72,7 +72,7 @@ def _fresh_process(root: Path, workers: int) -> float:
         "Path('data/raw'), progress=False)"
     )
     start = time.perf_counter()
-    env = {**os.environ, "IMGCLS_BENCH_LOCAL": str(sources.FASHION_LOCAL_DIRS[0])}
+    env = {**os.environ, "IMGCLS_BENCH_LOCAL": str(presets.FASHION_LOCAL_DIRS[0])}
     subprocess.run([sys.executable, "-c", _with_local(code)], cwd=root, check=True, env=env)
     return time.perf_counter() - start
 
@@ -80,8 +80,8 @@ def _fresh_process(root: Path, workers: int) -> float:
 def _with_local(code: str) -> str:
     """Prefix `code` so the child uses the same local IDX folder as this process."""
     return (
-        "import os; from pathlib import Path; from imgcls.data import sources; "
-        "sources.FASHION_LOCAL_DIRS = (Path(os.environ['IMGCLS_BENCH_LOCAL']),); " + code
+        "import os; from pathlib import Path; from imgcls.data.sources import presets; "
+        "presets.FASHION_LOCAL_DIRS = (Path(os.environ['IMGCLS_BENCH_LOCAL']),); " + code
     )
 
 
@@ -95,11 +95,11 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="imgcls-bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     local = next(
-        (d for d in sources.FASHION_LOCAL_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None
+        (d for d in presets.FASHION_LOCAL_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None
     )
     if local is None:
         local = _synthetic_idx(work / "idx")
-        sources.FASHION_LOCAL_DIRS = (local,)
+        presets.FASHION_LOCAL_DIRS = (local,)
         print(f"dataset-fashion-mnist not installed: using synthetic IDX files in {local}")
     else:
         print(f"using the Fashion-MNIST IDX files in {local}")

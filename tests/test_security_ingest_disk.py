@@ -14,8 +14,8 @@ import torch
 
 import _imagefactory as fac
 from _localhttp import local_server
-from imgcls.data.source_archive import extract_archive
-from imgcls.data.source_download import download
+from imgcls.data.sources.archive import extract_archive
+from imgcls.data.sources.download import download
 from imgcls.errors import ImgclsError
 from imgcls.io import write_csv, write_json
 from imgcls.stage import run_stage

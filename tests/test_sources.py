@@ -19,17 +19,23 @@ import pytest
 import _imagefactory as fac
 from _localhttp import Server, local_server
 from imgcls.config import DataConfig, GroupConfig
-from imgcls.data import sources
 from imgcls.data.manifest import build_manifest, group_of
-from imgcls.data.source_archive import ArchiveError, UnsafeArchiveError, extract_archive
-from imgcls.data.source_download import (
+from imgcls.data.sources import (
+    FoundFile,
+    SourceError,
+    generated,
+    presets,
+    read_idx,
+    resolve_sources,
+)
+from imgcls.data.sources.archive import ArchiveError, UnsafeArchiveError, extract_archive
+from imgcls.data.sources.download import (
     ChecksumError,
     DownloadError,
     check_redirect,
     check_url,
     download,
 )
-from imgcls.data.sources import FoundFile, SourceError, read_idx, resolve_sources
 
 
 def _build(root: Path, **data: object) -> pd.DataFrame:
@@ -493,7 +499,7 @@ def test_idx_pngs_written_by_worker_processes_are_identical(tmp_path: Path, monk
     _idx_folder(tmp_path / "a" / "mn")
     _idx_folder(tmp_path / "b" / "mn")
     serial = _build(tmp_path / "a", source="mn")
-    monkeypatch.setattr(sources, "PARALLEL_WRITE_MIN", 1)
+    monkeypatch.setattr(generated, "PARALLEL_WRITE_MIN", 1)
     parallel = _build(tmp_path / "b", source="mn", workers=2)
     pd.testing.assert_frame_equal(serial, parallel)  # same paths, same bytes (sha256)
 
@@ -531,19 +537,19 @@ def test_rps_preset_expands_to_the_two_canonical_archives(tmp_path: Path) -> Non
 
 def test_fashion_mnist_preset_prefers_a_local_copy(tmp_path: Path, monkeypatch) -> None:
     local = _idx_folder(tmp_path / "share" / "fashion-mnist")
-    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (local,))
+    monkeypatch.setattr(presets, "FASHION_LOCAL_DIRS", (local,))
     (spec,) = resolve_sources(DataConfig(source="fashion-mnist"), tmp_path)
     assert spec.kind == "idx" and spec.path == str(local)
-    assert spec.classes == sources.FASHION_CLASSES
-    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (tmp_path / "absent",))
+    assert spec.classes == presets.FASHION_CLASSES
+    monkeypatch.setattr(presets, "FASHION_LOCAL_DIRS", (tmp_path / "absent",))
     (spec,) = resolve_sources(DataConfig(source="fashion-mnist"), tmp_path)
-    assert spec.path is None and spec.url == sources.FASHION_BASE
+    assert spec.path is None and spec.url == presets.FASHION_BASE
     assert spec.url.startswith("https://")
 
 
 def test_fashion_mnist_local_copy_is_ingested(tmp_path: Path, monkeypatch) -> None:
     local = _idx_folder(tmp_path / "share" / "fashion-mnist")
-    monkeypatch.setattr(sources, "FASHION_LOCAL_DIRS", (local,))
+    monkeypatch.setattr(presets, "FASHION_LOCAL_DIRS", (local,))
     df = _build(tmp_path, source="fashion-mnist")
     assert len(df) == 9
     assert set(df["label"]) == {"tshirt_top", "trouser", "pullover"}

@@ -37,6 +37,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
+from imgcls.config import DataConfig, SourceSpec
+from imgcls.data.sources.common import SourceError, under
 from imgcls.errors import ImgclsError
 from imgcls.io import DiskFullError, disk_full_message, ensure_free_space, is_disk_full
 
@@ -357,3 +359,13 @@ def _damaged(archive: Path, err: BaseException) -> ArchiveError:
         f"{archive}: cannot extract ({type(err).__name__}: {err}). The file is damaged or "
         "not the archive type its name says; download or copy it again."
     )
+
+
+def archive_source(spec: SourceSpec, cfg: DataConfig, root: Path, raw_dir: Path) -> Path:
+    """Extract a local archive into data/raw/<name>/."""
+    archive = root / str(spec.path)
+    if not archive.is_file():
+        raise SourceError(f"data.source {spec.path!r}: archive {archive} does not exist")
+    target = under(raw_dir, str(spec.name), spec)
+    extract_archive(archive, target, cfg.max_archive_bytes)
+    return target

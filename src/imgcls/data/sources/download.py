@@ -20,7 +20,10 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
+from imgcls.config import DataConfig, SourceSpec
 from imgcls.data.imageinfo import sha256_file
+from imgcls.data.sources.archive import extract_archive, is_archive
+from imgcls.data.sources.common import DOWNLOADS, SourceError, checked_name, under
 from imgcls.errors import ImgclsError
 from imgcls.io import (
     DiskFullError,
@@ -309,3 +312,24 @@ def download(
         os.replace(side, _digest_sidecar(dest))
         _known_digest(dest)  # mtime is unchanged by rename; refresh the sidecar if not
     return dest
+
+
+def url_file_name(spec: SourceSpec) -> str:
+    """The checked, percent-decoded file name at the end of a url source's URL."""
+    return checked_name(spec, url_filename(str(spec.url)), "the file name taken from its URL")
+
+
+def url_source(spec: SourceSpec, cfg: DataConfig, raw_dir: Path, progress: bool) -> Path:
+    """Download (or resume, or reuse) a verified archive, then extract it into data/raw/<name>/."""
+    url = str(spec.url)
+    fname = url_file_name(spec)
+    if not is_archive(fname):
+        raise SourceError(
+            f"data.source {url}: only archives (.zip, .tar, .tar.gz, .tgz) can be downloaded as a "
+            "source; pack single files into an archive"
+        )
+    dest = under(raw_dir / DOWNLOADS, fname, spec)
+    archive = download(url, spec.sha256, dest, progress=progress, max_bytes=cfg.max_download_bytes)
+    target = under(raw_dir, str(spec.name), spec)
+    extract_archive(archive, target, cfg.max_archive_bytes)
+    return target
