@@ -4,8 +4,7 @@ import argparse
 from pathlib import Path
 
 from imgcls.config import load_params
-from imgcls.data.manifest import build_manifest, describe_labels
-from imgcls.io import write_csv
+from imgcls.data.manifest import run_ingest
 from imgcls.stage import run_stage
 
 
@@ -17,11 +16,7 @@ def main() -> None:
     ap.add_argument("--manifest", default="data/interim/manifest.csv", type=Path)
     args = ap.parse_args()
     params = load_params(args.params)
-    manifest = build_manifest(params.data, Path.cwd(), args.raw_dir)
-    write_csv(args.manifest, manifest)
-    bad = int((manifest["error"] != "").sum())
-    labels = describe_labels(manifest, params.data)
-    print(f"ingest: {len(manifest)} files, {labels}, {bad} unreadable")
+    print(run_ingest(params.data, Path.cwd(), args.raw_dir, args.manifest))
 
 
 if __name__ == "__main__":

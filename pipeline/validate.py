@@ -21,8 +21,7 @@ def main() -> None:
     ap.add_argument("--figure", default="reports/validation_groups.png", type=Path)
     args = vars(ap.parse_args())
     params = load_params(args.pop("params"))
-    paths = ValidatePaths(**args)
-    ok, message = run_validate(paths, params.validate_, multi_label=params.data.multi_label)
+    ok, message = run_validate(ValidatePaths(**args), params)
     print(message, file=sys.stdout if ok else sys.stderr)
     if not ok:
         sys.exit(1)

@@ -20,11 +20,11 @@ from imgcls.data.split import (
     SPLITS,
     WARNINGS_ATTR,
     SplitError,
-    _water_fill,
     assign_splits,
     render_split_markdown,
     split_report,
 )
+from imgcls.data.split.placement import water_fill
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
 
@@ -186,7 +186,7 @@ def test_every_class_reaches_every_split_when_it_has_enough_groups(sizes, seed):
 @given(st.lists(st.integers(-50, 200), min_size=1, max_size=3), st.integers(0, 500))
 def test_water_fill_is_a_valid_allocation(deficit, total):
     """Non-negative integers that sum to the total and follow the deficits."""
-    x = _water_fill(np.asarray(deficit, dtype=float), total)
+    x = water_fill(np.asarray(deficit, dtype=float), total)
     assert (x >= 0).all() and int(x.sum()) == total
     if total == sum(max(d, 0) for d in deficit) and min(deficit) >= 0:
         assert x.tolist() == deficit

@@ -293,3 +293,11 @@ def read_manifest(path: Path) -> pd.DataFrame:
             f"{path}: not a manifest (missing column(s) {', '.join(missing)}); rerun ingest"
         )
     return df[MANIFEST_COLUMNS]
+
+
+def run_ingest(cfg: DataConfig, root: Path, raw_dir: Path, manifest_csv: Path) -> str:
+    """The ingest stage: materialise the sources, write the manifest; the line to tell the user."""
+    manifest = build_manifest(cfg, root, raw_dir)
+    write_csv(manifest_csv, manifest)
+    bad = int((manifest["error"] != "").sum())
+    return f"ingest: {len(manifest)} files, {describe_labels(manifest, cfg)}, {bad} unreadable"

@@ -13,7 +13,7 @@ from imgcls.data.validation.markdown import merged_group_strips, render_markdown
 from imgcls.io import read_csv, write_csv, write_json, write_text
 
 if TYPE_CHECKING:
-    from imgcls.config import ValidateConfig
+    from imgcls.config import Params
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,15 @@ class ValidatePaths:
     figure: Path
 
 
-def run_validate(
-    paths: ValidatePaths, cfg: ValidateConfig, *, multi_label: bool
-) -> tuple[bool, str]:
+def run_validate(paths: ValidatePaths, params: Params) -> tuple[bool, str]:
     """Validate the manifest and write every output; (ok, what to tell the user).
 
     On failure no declared output is touched (earlier good outputs and dvc.lock stay as they
     were); the full report goes to `validation-failed.md` beside the Markdown report instead.
-    `multi_label` (`data.multi_label`): class rules count individual labels of "cat|dog" sets.
+    With `data.multi_label` the class rules count individual labels of "cat|dog" sets.
     """
-    result = validate_manifest(read_csv(paths.manifest), cfg, multi_label=multi_label)
+    manifest = read_csv(paths.manifest)
+    result = validate_manifest(manifest, params.validate_, multi_label=params.data.multi_label)
     if not result.ok:
         failed = paths.markdown.with_name("validation-failed.md")  # not a DVC output
         write_text(failed, result.markdown)
