@@ -1,8 +1,10 @@
-"""Decoded-image cache and the torch Dataset over a split.
+"""Decoded-image cache, the torch Dataset over a split, and splits.csv as decoded data.
 
 Every image is decoded, converted and resized once into a uint8 array of shape (N, S, S, C)
 stored as `.npy` under the cache folder and memory-mapped afterwards, so epochs never
 re-decode files. The cache key covers the rows (path + sha256), the size and the channels.
+:class:`SplitData` (from :func:`load_split_data`) is what training and evaluation read: a split's
+rows are data, not training.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -30,7 +33,8 @@ from imgcls.data.imageinfo import (
     rescale_to_uint8,
 )
 from imgcls.errors import ImgclsError
-from imgcls.io import atomic_path
+from imgcls.io import atomic_path, read_csv
+from imgcls.task import Task, encode_labels, label_classes, unknown_labels
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA"} | HIGH_BIT_MODES)
 # Every way Pillow / our decoder says "this file cannot be decoded" (none is a bug of ours).
@@ -266,3 +270,101 @@ def label_tensor(labels: np.ndarray) -> torch.Tensor:
     """(N,) class indices as int64; (N, K) multi-hot multi-label targets as float32."""
     labels = np.asarray(labels)
     return torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
+
+
+# --------------------------------------------------------------------------- splits.csv
+
+
+@dataclass
+class SplitData:
+    """Decoded images of every row in splits.csv, with encoded labels and split names."""
+
+    frame: pd.DataFrame
+    images: np.ndarray  # (N, S, S, C) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64 indices into `classes`; (N, K) float32 multi-hot if multilabel
+    classes: list[str]  # binary: [negative, positive]
+    channels: int
+    key: str  # cache key: rows + size + channels
+    task: Task = "multiclass"
+
+    def part(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of one split."""
+        mask = (self.frame["split"] == split).to_numpy()
+        return self.images[mask], self.labels[mask]
+
+
+def read_splits(splits_csv: Path) -> pd.DataFrame:
+    """splits.csv with string labels; an empty file is an error that says where to look."""
+    frame = read_csv(splits_csv)
+    if frame.empty:
+        raise ImgclsError(f"{splits_csv}: no rows; check the data source and the validate report")
+    frame["label"] = frame["label"].astype(str)
+    return frame
+
+
+def load_split_data(
+    splits_csv: Path,
+    root: Path,
+    image_size: int,
+    channels: str | int,
+    cache_dir: Path,
+    *,
+    classes: list[str] | None = None,
+    task: Task = "multiclass",
+    progress: bool = True,
+    max_pixels: int | None = None,
+) -> SplitData:
+    """Read splits.csv and decode its images once (cached across epochs and stages).
+
+    `classes` fixes the label order (a saved model's); by default the sorted labels found.
+    `max_pixels` bounds every decoded image (a model's `limits.max_image_pixels` when
+    evaluating it); None: see :func:`imgcls.data.dataset.pixel_limits`.
+    """
+    frame = read_splits(splits_csv)
+    return split_data(
+        frame,
+        splits_csv,
+        root,
+        image_size,
+        channels,
+        cache_dir,
+        classes,
+        task,
+        progress,
+        max_pixels,
+    )
+
+
+def split_data(
+    frame: pd.DataFrame,
+    splits_csv: Path,
+    root: Path,
+    image_size: int,
+    channels: str | int,
+    cache_dir: Path,
+    classes: list[str] | None,
+    task: Task,
+    progress: bool,
+    max_pixels: int | None = None,
+) -> SplitData:
+    """Decode the rows of splits.csv and encode their labels for `task`."""
+    classes = classes or label_classes(frame["label"], task)
+    unknown = unknown_labels(frame["label"], classes, task)
+    if unknown:
+        raise ImgclsError(
+            f"{splits_csv}: labels {unknown} are not classes the model knows ({classes})"
+        )
+    n_channels = infer_channels(frame["mode"]) if channels == "auto" else int(channels)
+    images = decode_images(
+        frame, root, image_size, n_channels, cache_dir, progress=progress, max_pixels=max_pixels
+    )
+    labels = encode_labels(frame["label"].tolist(), classes, task)
+    return SplitData(
+        frame,
+        images,
+        labels,
+        list(classes),
+        n_channels,
+        cache_key(frame, image_size, n_channels),
+        task,
+    )
