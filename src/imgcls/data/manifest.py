@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from imgcls.config import DataConfig, GroupConfig
 from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
+from imgcls.data.schema import MANIFEST_COLUMNS  # re-exported: the manifest's columns
 from imgcls.data.sources import FoundFile, materialise_all, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv, write_json
@@ -32,19 +33,6 @@ from imgcls.task import label_classes
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS: list[str] = [
-    "path",
-    "label",
-    "group",
-    "source_split",
-    "sha256",
-    "width",
-    "height",
-    "mode",
-    "format",
-    "phash",
-    "error",
-]
 INFO_COLUMNS = ["sha256", "width", "height", "mode", "format", "phash", "error"]
 CACHE_DIR = ".ingest-cache"
 CACHE_VERSION = 1  # bump when inspect_image's output changes meaning

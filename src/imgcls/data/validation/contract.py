@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from imgcls.data.manifest import MANIFEST_COLUMNS
+from imgcls.data.schema import MANIFEST_COLUMNS
 from imgcls.data.validation.common import DataContractError
 from imgcls.data.validation.frames import build_frames
 from imgcls.data.validation.gx_runner import run_suite

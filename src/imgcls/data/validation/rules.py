@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from imgcls.data.manifest import MANIFEST_COLUMNS
 from imgcls.data.phash import PHASH_RE
+from imgcls.data.schema import MANIFEST_COLUMNS
 from imgcls.task import LABEL_SEP
 
 if TYPE_CHECKING:
