@@ -1,42 +1,28 @@
-"""Throw-away copies of the project for benchmarks: pipeline files in a fresh git repo."""
+"""Throw-away copies of the project for benchmarks: the tests' one project factory, reused.
+
+`tests/_project.py` is the single place that knows which files make a project and how its
+commands run; benchmarks copy the project exactly as the end-to-end tests do.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".dvcignore"]
-GIT_IDENTITY = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+sys.path.insert(0, str(REPO / "tests"))
+
+from _project import BIN, commit, make_project, project_env  # noqa: E402
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment DVC / the stages run in: the venv first on PATH, the default store."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return {**env, **(extra or {})}
+    return project_env(extra)
 
 
 def copy_project(dest: Path) -> Path:
-    """Copy the pipeline files (not the outputs) into `dest` and commit them in a new git repo."""
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, dst)
-    commit(dest, init=True)
-    return dest
+    """Copy the pipeline files (not the outputs) with params.yaml as it is, in a new git repo."""
+    return make_project(dest, fast=False)
 
 
-def commit(root: Path, *, init: bool = False) -> None:
-    """`git add -A && git commit` (after `git init` when `init`)."""
-    cmds = [["git", "init", "-q"]] if init else []
-    cmds += [["git", "add", "-A"], ["git", *GIT_IDENTITY, "commit", "-qm", "bench"]]
-    for cmd in cmds:
-        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+__all__ = ["BIN", "REPO", "bench_env", "commit", "copy_project"]

@@ -18,9 +18,9 @@ PROJECT_FILES = ["params.yaml", "dvc.yaml", "pipeline", "src", ".dvc/config", ".
 
 def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command with the venv first on PATH (as `make pipeline` does)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -28,8 +28,31 @@ def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
-def make_project(dest: Path, **overrides: dict) -> Path:
-    """Copy the project's pipeline files into a fresh git repo with fast params."""
+GIT_IDENTITY = ["-c", "user.name=imgcls-test", "-c", "user.email=test@localhost"]
+
+
+def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment stages run in: the venv first on PATH, no inherited tracking URI."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return {**env, **(extra or {})}
+
+
+def commit(root: Path, message: str = "project", *, init: bool = False) -> None:
+    """`git add -A && git commit` (after `git init` when `init`)."""
+    cmds = [["git", "init", "-q"]] if init else []
+    if init:  # later commits in the copy (tests, benches) need an identity too
+        cmds += [
+            ["git", "config", "user.email", "test@localhost"],
+            ["git", "config", "user.name", "test"],
+        ]
+    cmds += [["git", "add", "-A"], ["git", *GIT_IDENTITY, "commit", "-qm", message]]
+    for cmd in cmds:
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+
+
+def copy_files(dest: Path) -> None:
+    """Copy the project's pipeline files (not its outputs) into `dest`."""
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
@@ -39,17 +62,22 @@ def make_project(dest: Path, **overrides: dict) -> Path:
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
+
+
+def make_project(dest: Path, *, fast: bool = True, **overrides: dict) -> Path:
+    """Copy the project into a fresh git repo: with fast params (3 epochs) unless `fast=False`.
+
+    The one project factory of the tests and of `bench/` (via `bench/project.py`).
+    """
+    copy_files(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update(epochs=3)
+    if fast:
+        params["train"].update(epochs=3)
     for section, values in overrides.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text("/mlflow.db\n/data/cache/\n")
-    sh("git", "init", "-q", cwd=dest)
-    sh("git", "config", "user.email", "t@localhost", cwd=dest)
-    sh("git", "config", "user.name", "test", cwd=dest)
-    sh("git", "add", "-A", cwd=dest)
-    sh("git", "commit", "-qm", "project", cwd=dest)
+    commit(dest, init=True)
     return dest
 
 
