@@ -23,16 +23,16 @@ import pytest
 from PIL import Image
 
 from _datasets import write_pattern_dataset
-from imgcls.models.bundle import save_bundle
-from imgcls.models.registry import create_model
-from imgcls.predict import load_predictor, predict_paths
-from imgcls.serving import (
+from imgcls.inference.logged import load_logged_model
+from imgcls.inference.predict import load_predictor, predict_paths
+from imgcls.inference.serving import (
     ServingError,
     image_from_array,
-    load_logged_model,
     log_serving_model,
     request_items,
 )
+from imgcls.models.bundle import save_bundle
+from imgcls.models.registry import create_model
 
 META = {
     "arch": "simple_cnn",

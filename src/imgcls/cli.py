@@ -132,7 +132,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     """Predict files / folders / globs and print or write a table, CSV or JSON."""
-    from imgcls import predict
+    from imgcls.inference import predict
     from imgcls.io import write_csv, write_json, write_text
 
     fmt = args.format or _format_from_suffix(args.output)
@@ -188,8 +188,8 @@ def _format_from_suffix(output: Path | None) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     """Export to ONNX or TorchScript and check it against PyTorch."""
-    from imgcls import export
-    from imgcls.predict import load_predictor
+    from imgcls.inference import export
+    from imgcls.inference.predict import load_predictor
 
     model = None if args.model_uri else (args.model or Path("models/model.pt"))
     predictor = load_predictor(model, args.model_uri, "cpu")

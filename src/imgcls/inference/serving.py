@@ -1,19 +1,20 @@
 """Serve a trained model with MLflow: a pyfunc model that takes images, returns probabilities.
 
-Exception to "tracking.py is the only module importing mlflow": an MLflow pyfunc model *is* an
-MLflow class, and `mlflow models serve` must import it from a module of its own. Run lifecycle
-and tracking-store policy stay in tracking.py; this module only logs / loads models.
+Exception to "imgcls.tracking is the only package importing mlflow": an MLflow pyfunc model *is*
+an MLflow class, and `mlflow models serve` must import it from a module of its own. Run lifecycle
+and tracking-store policy stay in imgcls.tracking; this module only logs / saves models.
 
 The logged model holds `models/model.pt` as an artifact and decodes every image with
 :func:`imgcls.data.dataset.load_image`, so a served request is preprocessed exactly like the
 evaluation split. It is stored as "models from code" (a two-line script that builds
 :class:`ImgclsServingModel`), so loading it never unpickles anything; the serving environment
-needs imgcls installed (`mlflow models serve --env-manager local` from the project venv).
+needs imgcls installed (`mlflow models serve --env-manager local` from the project venv). Models
+logged before imgcls 16's layout name `imgcls.serving.ImgclsServingModel` in their script: that
+module stays as a re-export so they keep loading.
 Every request is bounded by the model's `limits` (imgcls.models.bundle.DEFAULT_LIMITS): images
 per request, bytes per request and per image, pixels per image (checked from the header).
 
-:func:`load_logged_model` (`imgcls predict --model-uri`) reads only the weights-only model file
-out of a logged model; it never runs MLflow's loaders, which unpickle and import the model's code.
+Loading a logged model without running its code is :mod:`imgcls.inference.logged`'s job.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -37,23 +37,23 @@ from PIL import Image
 from imgcls.data.dataset import load_image
 from imgcls.data.imageinfo import check_pixels
 from imgcls.errors import ImgclsError
-from imgcls.models.bundle import DEFAULT_LIMITS, ImageClassifier, limits_of, load_bundle
-from imgcls.predict import decode_error
+from imgcls.inference.decode import decode_error
+from imgcls.inference.logged import (
+    MODEL_ARTIFACT,
+    ServingError,
+    download_bundle,
+    load_downloaded,
+)
+from imgcls.models.bundle import DEFAULT_LIMITS, limits_of, load_bundle
 from imgcls.task import decided_labels, split_labels, task_of
 
-MODEL_ARTIFACT = "model_file"  # key of the bundle in the pyfunc model's artifacts
-BUNDLE_NAME = "model.pt"  # the bundle's file name in a logged model (both flavours)
 IMAGE_KEYS = ("image", "images", "image_base64", "b64")  # accepted dict keys / column names
 _CODE = (
     "# imgcls serving model (MLflow models-from-code): MLflow runs this to build the model.\n"
     "import mlflow.models\n"
-    "from imgcls.serving import ImgclsServingModel\n"
+    "from imgcls.inference.serving import ImgclsServingModel\n"
     "mlflow.models.set_model(ImgclsServingModel())\n"
 )
-
-
-class ServingError(ImgclsError):
-    """A request the serving model cannot read, or a model URI that cannot be loaded."""
 
 
 # ---------------------------------------------------------------------- decoding requests
@@ -299,10 +299,22 @@ def log_serving_model(
 ) -> str:
     """Log `model_path` as a servable pyfunc model into an existing run; returns its model URI.
 
-    The run keeps its status (RUNNING stays RUNNING for the evaluate stage). With
-    `registered_name`, the model is also registered as a new version of that name, so
-    `mlflow models serve -m models:/<name>/<version>` serves it.
+    The run keeps its status (RUNNING stays RUNNING). With `registered_name`, the model is also
+    registered as a new version of that name, so `mlflow models serve -m models:/<name>/<version>`
+    serves it.
     """
+    return log_serving_model_info(model_path, run_id, tracking_uri, registered_name, name=name)[0]
+
+
+def log_serving_model_info(
+    model_path: Path,
+    run_id: str,
+    tracking_uri: str,
+    registered_name: str | None = None,
+    *,
+    name: str = "serving",
+) -> tuple[str, int | None]:
+    """:func:`log_serving_model`, also returning the registered version (None if not registered)."""
     model_path = Path(model_path)
     _, meta = load_bundle(model_path)  # fail here, not at serve time, on a bad model file
     mlflow.set_tracking_uri(tracking_uri)
@@ -322,69 +334,8 @@ def log_serving_model(
             )
         finally:
             mlflow.end_run(status=status)  # ending as FINISHED would close the pipeline's run
-    return info.model_uri
-
-
-def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """`runs:/...` or `models:/...` -> (uint8 (B, H, W, C) -> probabilities module, meta).
-
-    Reads only the imgcls model file (`models/model.pt` format) inside the logged model: the
-    serving model's `model_file` artifact, or the `mlflow.pytorch` model's extra file. Only the
-    MLmodel file (YAML, safe-loaded) and that one file are downloaded; it is loaded with
-    `torch.load(weights_only=True)`. A pickled `model.pth` and the model's code folder are never
-    downloaded, unpickled or put on `sys.path`, so a registered model cannot run code here.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        local, rel = download_bundle(uri, Path(tmp))
-        return _load_downloaded(uri, local, rel)
-
-
-def download_bundle(uri: str, dest: Path) -> tuple[Path, str]:
-    """Download only the MLmodel file and the imgcls model file it names into `dest`.
-
-    Returns (local path, its path inside the logged model). Nothing is loaded or run.
-    """
-    from mlflow.models import Model
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    # A per-file download bar for a local model only clutters `imgcls predict`'s output.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        repo = get_artifact_repository(uri)
-        mlmodel = Model.load(repo.download_artifacts("MLmodel", str(dest)))
-    except Exception as err:  # mlflow raises many types for a bad URI / unreachable store
-        first = (str(err).splitlines() or [""])[0][:300]
-        raise ServingError(
-            f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check "
-            "the URI (runs:/<run_id>/model or models:/<name>/<version>) and "
-            "MLFLOW_TRACKING_URI"
-        ) from None
-    try:
-        rel = bundle_artifact(mlmodel)
-    except (AttributeError, TypeError):  # an MLmodel whose flavours are not mappings
-        rel = None
-    if rel is None:
-        raise ServingError(
-            f"{uri}: this logged model holds no imgcls model file ({BUNDLE_NAME}); imgcls "
-            "loads nothing else (a pickled model could run its author's code). Models "
-            "logged before imgcls stopped unpickling: use runs:/<run_id>/serving of the "
-            "same run, or --model models/model.pt"
-        )
-    try:
-        return Path(repo.download_artifacts(rel, str(dest))), rel
-    except Exception as err:
-        first = (str(err).splitlines() or [""])[0][:300]
-        raise ServingError(
-            f"{uri}: cannot download {rel} ({type(err).__name__}: {first})"
-        ) from None
-
-
-def _load_downloaded(uri: str, local: Path, rel: str) -> tuple[ImageClassifier, dict[str, Any]]:
-    """load_bundle, with errors that name the model URI instead of a temporary folder."""
-    try:
-        return load_bundle(local)
-    except ImgclsError as err:
-        raise ServingError(str(err).replace(str(local), f"{uri} ({rel})")) from None
+    version = getattr(info, "registered_model_version", None)
+    return info.model_uri, None if version is None else int(version)
 
 
 def save_trusted_serving_model(uri: str, dest: Path) -> Path:
@@ -399,7 +350,7 @@ def save_trusted_serving_model(uri: str, dest: Path) -> Path:
         raise ServingError(f"{dest} already exists; give a new folder for the serving model")
     with tempfile.TemporaryDirectory() as tmp:
         local, rel = download_bundle(uri, Path(tmp))
-        _, meta = _load_downloaded(uri, local, rel)
+        _, meta = load_downloaded(uri, local, rel)
         code = Path(tmp) / "imgcls_serving_model.py"
         code.write_text(_CODE, encoding="utf-8")
         mlflow.pyfunc.save_model(
@@ -412,34 +363,13 @@ def save_trusted_serving_model(uri: str, dest: Path) -> Path:
     return dest
 
 
-def bundle_artifact(mlmodel: Any) -> str | None:
-    """The relative path of the imgcls model file inside a logged model, or None."""
-    flavors = mlmodel.flavors or {}
-    pyfunc = flavors.get("python_function", {}).get("artifacts", {}).get(MODEL_ARTIFACT, {})
-    candidates = [pyfunc.get("path")]  # the serving model's bundle, whatever its file name
-    extra = flavors.get("pytorch", {}).get("extra_files") or []
-    candidates += [
-        e.get("path")
-        for e in extra
-        if isinstance(e, Mapping) and PurePosixPath(str(e.get("path"))).name == BUNDLE_NAME
-    ]
-    for rel in candidates:
-        if not isinstance(rel, str) or not rel:
-            continue
-        path = PurePosixPath(rel)
-        # The MLmodel file is the model author's: a path must stay inside the model folder.
-        if not path.is_absolute() and ".." not in path.parts and "\\" not in rel:
-            return rel
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
-    """`python -m imgcls.serving URI FOLDER`: see :func:`save_trusted_serving_model`."""
+    """`python -m imgcls.inference.serving URI FOLDER`: see :func:`save_trusted_serving_model`."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="python -m imgcls.serving",
+        prog="python -m imgcls.inference.serving",
         description="Write a servable MLflow model folder from only the weights-only model file "
         "of a logged model; then: mlflow models serve -m FOLDER --env-manager local",
     )
@@ -449,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(save_trusted_serving_model(args.uri, args.folder))
     except ImgclsError as err:
-        print(f"python -m imgcls.serving: {err}", file=sys.stderr)
+        print(f"python -m imgcls.inference.serving: {err}", file=sys.stderr)
         sys.exit(1)
 
 
