@@ -41,7 +41,11 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     from imgcls.summary import SummaryPaths, summarize
 
     paths = SummaryPaths(
-        Path(args.metrics), Path(args.details), Path(args.train), Path(args.run_file)
+        metrics=Path(args.metrics),
+        details=Path(args.details),
+        train=Path(args.train),
+        run_file=Path(args.run_file),
+        logged_models=Path(args.logged_models),
     )
     print(summarize(paths, args.against))
 
@@ -59,6 +63,7 @@ def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--details", default="reports/eval_details.json")
     p.add_argument("--train", default="metrics/train.json")
     p.add_argument("--run-file", default="models/run.json")
+    p.add_argument("--logged-models", default="models/logged_models.json")
     p.set_defaults(func=_cmd_summary)
 
 
