@@ -96,9 +96,6 @@ def log_report(run: tracking.Run, paths: EvaluatePaths, report: Report) -> None:
 def run_evaluate_stage(paths: EvaluatePaths, params: Params) -> Report:
     """Evaluate, write the outputs, log report and models to the train run, then close it."""
     run = tracking.resume_run(paths.run_file)  # None when tracking was off for train
-    log_model = run is not None and params.tracking.log_model
-    if log_model:
-        publish.prewarm()  # imports mlflow.pytorch & co. while the evaluation runs
     try:
         report, clf, meta, data = evaluate_model(paths, params)
     except BaseException:
@@ -110,7 +107,7 @@ def run_evaluate_stage(paths: EvaluatePaths, params: Params) -> Report:
     if run is not None:
         log_report(run, paths, report)
         record = publish.empty_record(run.run_id, run.uri)
-        if log_model:
+        if params.tracking.log_model:
             # After the evaluation succeeded and its metrics are on the run: the registry then
             # never holds a model whose evaluation failed.
             record = publish.log_models(

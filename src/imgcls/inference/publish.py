@@ -9,7 +9,6 @@ not fail the stage, and what was lost is listed in the returned record's `not_lo
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,19 +85,3 @@ def log_models(
             record["registered_model"] = {"name": registered_name, "version": version}
     record["not_logged"] = run.not_logged[lost:]
     return record
-
-
-def prewarm() -> threading.Thread:
-    """Import what model logging needs in a background thread (overlaps the evaluation)."""
-
-    def _imports() -> None:
-        try:
-            import mlflow.pyfunc
-            import mlflow.pytorch  # noqa: F401
-            import torch.export  # noqa: F401
-        except Exception as err:  # only an optimisation: log_models reports real problems
-            log.debug("prewarming model logging failed: %s", err)
-
-    thread = threading.Thread(target=_imports, name="imgcls-prewarm", daemon=True)
-    thread.start()
-    return thread
