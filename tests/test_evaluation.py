@@ -328,8 +328,9 @@ def _stage_paths(root: Path, splits: Path) -> EvaluatePaths:
     )
 
 
-def _train_run(root: Path) -> tuple[Run, str]:
+def _train_run(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Run, str]:
     """A RUNNING run in a real SQLite store and the run file the train stage would write."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would win over this store
     run = Run.start(TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="t"))
     (root / "models").mkdir(exist_ok=True)
     info = {"run_id": run.run_id, "tracking_uri": run.uri}
@@ -339,10 +340,11 @@ def _train_run(root: Path) -> tuple[Run, str]:
 
 def test_stage_logs_and_registers_the_model_after_evaluating_it(
     pattern_splits: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root, splits = pattern_splits
     clf, _ = _bundle(root, splits)
-    run, name = _train_run(root)
+    run, name = _train_run(root, monkeypatch)
     params = parse_params({"evaluate": {"gallery_size": 2}, "tracking": {"register_model": name}})
     report = run_evaluate_stage(_stage_paths(root, splits), params)
 
@@ -371,13 +373,14 @@ def test_stage_logs_and_registers_the_model_after_evaluating_it(
 
 def test_a_failed_evaluation_logs_no_model_and_fails_the_run(
     pattern_splits: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root, splits = pattern_splits
     _bundle(root, splits)
     only_train = root / "train_only.csv"  # nothing to evaluate in test / val: the stage fails
     frame = pd.read_csv(splits).assign(split="train")
     frame.to_csv(only_train, index=False)
-    run, name = _train_run(root)
+    run, name = _train_run(root, monkeypatch)
     params = parse_params({"tracking": {"register_model": name}})
     with pytest.raises(ImgclsError, match="no rows in the splits"):
         run_evaluate_stage(_stage_paths(root, only_train), params)
@@ -391,10 +394,12 @@ def test_a_failed_evaluation_logs_no_model_and_fails_the_run(
     assert not (root / "metrics/eval.json").exists()
 
 
-def test_log_model_false_logs_the_report_but_no_model(pattern_splits: tuple[Path, Path]) -> None:
+def test_log_model_false_logs_the_report_but_no_model(
+    pattern_splits: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, splits = pattern_splits
     _bundle(root, splits)
-    run, _ = _train_run(root)
+    run, _ = _train_run(root, monkeypatch)
     params = parse_params({"evaluate": {"gallery_size": 0}, "tracking": {"log_model": False}})
     run_evaluate_stage(_stage_paths(root, splits), params)
 

@@ -56,6 +56,9 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict:
     client = mlflow.tracking.MlflowClient(uri)
     run = client.create_run(client.create_experiment("serving"))
     model_uri = log_serving_model(root / "model.pt", run.info.run_id, uri, "patterns")
+    # log_serving_model sets MLflow's global URI (and MLFLOW_TRACKING_URI): a module fixture
+    # runs before conftest's per-test reset records the URI, so undo it here for later modules
+    mlflow.set_tracking_uri(None)
     return {
         "root": root,
         "tracking_uri": uri,
