@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgcls.inference.predict import load_predictor, predict_paths
 from imgcls.models.bundle import save_bundle
 from imgcls.models.registry import create_model
-from imgcls.predict import load_predictor, predict_paths
 
 # name, create_model kwargs, image size, channels, (file width, height, format)
 MODELS = [

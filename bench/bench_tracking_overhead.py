@@ -144,7 +144,7 @@ t = time.perf_counter()
 run.log_pytorch_model(clf, input_example=np.array(data.images[:2]), metadata={{"classes": []}})
 out["log_pytorch_model after prewarm (logger, after training)"] = time.perf_counter() - t
 from imgcls.models.bundle import save_bundle
-from imgcls.serving import log_serving_model
+from imgcls.inference.serving import log_serving_model
 meta = {{"arch": "simple_cnn", "model_kwargs": params.model.kwargs, "classes": list(data.classes),
         "image_size": {size}, "channels": 1, "mean": [0.5], "std": [0.25]}}
 save_bundle(Path("models/bench_model.pt"), net, meta)

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import (
     average_precision_score,
@@ -19,7 +22,8 @@ from sklearn.metrics import (
 )
 
 from _datasets import REPO
-from imgcls.config import EvaluateConfig
+from imgcls.config import EvaluateConfig, TrackingConfig, parse_params
+from imgcls.errors import ImgclsError
 from imgcls.evaluation.evaluate import (
     evaluate_data,
     flat_metrics,
@@ -30,8 +34,11 @@ from imgcls.evaluation.evaluate import (
 from imgcls.evaluation.figures import plot_confusion, plot_pr_curves, pyplot, short
 from imgcls.evaluation.gallery import augmentation_grid, confident_mistakes, plot_mistakes
 from imgcls.evaluation.metrics import classification_metrics, confusion, confusion_long
+from imgcls.evaluation.stage import EvaluatePaths, run_evaluate_stage
+from imgcls.inference.logged import load_logged_model
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
+from imgcls.tracking import Run
 from imgcls.training.run import load_split_data
 
 
@@ -298,3 +305,108 @@ def test_evaluate_stage_writes_its_outputs(pattern_splits: tuple[Path, Path]) ->
         with Image.open(root / "reports/figures" / name) as img:
             assert img.format == "PNG" and min(img.size) > 200
     assert not (root / "mlflow.db").exists()  # no run file: tracking off, nothing logged
+    record = json.loads((root / "models/logged_models.json").read_text())
+    assert record["run_id"] is None and record["model_uri"] is record["serving_model_uri"] is None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _stage_paths(root: Path, splits: Path) -> EvaluatePaths:
+    """The evaluate stage's files under `root` (dvc.yaml's names)."""
+    return EvaluatePaths(
+        root=root,
+        splits=splits,
+        cache_dir=root / "cache",
+        model=root / "models/model.pt",
+        run_file=root / "models/run.json",
+        metrics=root / "metrics/eval.json",
+        details=root / "reports/eval_details.json",
+        confusion_csv=root / "plots/confusion.csv",
+        figures=root / "reports/figures",
+        logged_models=root / "models/logged_models.json",
+    )
+
+
+def _train_run(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Run, str]:
+    """A RUNNING run in a real SQLite store and the run file the train stage would write."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would win over this store
+    run = Run.start(TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="t"))
+    (root / "models").mkdir(exist_ok=True)
+    info = {"run_id": run.run_id, "tracking_uri": run.uri}
+    (root / "models/run.json").write_text(json.dumps(info))
+    return run, f"evaluated-{root.name}"  # unique: other tests in this process register too
+
+
+def test_stage_logs_and_registers_the_model_after_evaluating_it(
+    pattern_splits: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, splits = pattern_splits
+    clf, _ = _bundle(root, splits)
+    run, name = _train_run(root, monkeypatch)
+    params = parse_params({"evaluate": {"gallery_size": 2}, "tracking": {"register_model": name}})
+    report = run_evaluate_stage(_stage_paths(root, splits), params)
+
+    record = json.loads((root / "models/logged_models.json").read_text())
+    assert record["run_id"] == run.run_id and record["not_logged"] == []
+    assert record["registered_model"] == {"name": name, "version": 1}
+    client = MlflowClient(run.uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics["test_accuracy"] == pytest.approx(report.metrics["accuracy"])
+    # the registered version is the serving model this stage logged, on the evaluated run
+    version = client.get_model_version(name, "1")
+    assert version.run_id == run.run_id
+    assert version.source == record["serving_model_uri"], version
+    assert record["model_uri"] != record["serving_model_uri"]
+    # both logged models hold exactly the evaluated weights
+    images = np.asarray(load_split_data(splits, root, 16, "auto", root / "cache").images[:4])
+    want = clf(torch.from_numpy(images)).detach().numpy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", run.uri)
+        for uri in (record["model_uri"], record["serving_model_uri"], f"models:/{name}/1"):
+            logged, _ = load_logged_model(uri)
+            got_probs = logged(torch.from_numpy(images)).detach().numpy()
+            np.testing.assert_allclose(got_probs, want, atol=1e-6)
+
+
+def test_a_failed_evaluation_logs_no_model_and_fails_the_run(
+    pattern_splits: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, splits = pattern_splits
+    _bundle(root, splits)
+    only_train = root / "train_only.csv"  # nothing to evaluate in test / val: the stage fails
+    frame = pd.read_csv(splits).assign(split="train")
+    frame.to_csv(only_train, index=False)
+    run, name = _train_run(root, monkeypatch)
+    params = parse_params({"tracking": {"register_model": name}})
+    with pytest.raises(ImgclsError, match="no rows in the splits"):
+        run_evaluate_stage(_stage_paths(root, only_train), params)
+
+    client = MlflowClient(run.uri)
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert client.search_model_versions(f"name='{name}'") == []
+    experiment = client.get_run(run.run_id).info.experiment_id
+    assert client.search_logged_models(experiment_ids=[experiment]) == []
+    assert not (root / "models/logged_models.json").exists()
+    assert not (root / "metrics/eval.json").exists()
+
+
+def test_log_model_false_logs_the_report_but_no_model(
+    pattern_splits: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, splits = pattern_splits
+    _bundle(root, splits)
+    run, _ = _train_run(root, monkeypatch)
+    params = parse_params({"evaluate": {"gallery_size": 0}, "tracking": {"log_model": False}})
+    run_evaluate_stage(_stage_paths(root, splits), params)
+
+    record = json.loads((root / "models/logged_models.json").read_text())
+    assert record["run_id"] == run.run_id
+    assert record["model_uri"] is record["serving_model_uri"] is record["registered_model"] is None
+    client = MlflowClient(run.uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and "test_accuracy" in got.data.metrics
+    assert client.search_logged_models(experiment_ids=[got.info.experiment_id]) == []

@@ -11,7 +11,7 @@ import pytest
 from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
-from imgcls.export import (
+from imgcls.inference.export import (
     ATOL,
     ExportError,
     compare,

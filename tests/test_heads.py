@@ -12,8 +12,8 @@ from PIL import Image
 
 from _datasets import manifest_row, two_feature_image, with_splits, write_pattern_dataset
 from imgcls.config import parse_params
+from imgcls.inference.predict import InputFile, Predictor, iter_predictions
 from imgcls.models.bundle import load_bundle, save_bundle
-from imgcls.predict import InputFile, Predictor, iter_predictions
 from imgcls.task import (
     TaskError,
     decide,
@@ -256,7 +256,7 @@ def test_lr_finder_runs_the_multilabel_loss(tmp_path: Path) -> None:
     ("task", "classes"), [("binary", ["no", "yes"]), ("multilabel", list("abc"))]
 )
 def test_binary_and_multilabel_models_export(task: str, classes: list[str], tmp_path: Path) -> None:
-    from imgcls.export import ATOL, export_model, verify_export
+    from imgcls.inference.export import ATOL, export_model, verify_export
     from imgcls.models.bundle import ImageClassifier
     from imgcls.models.registry import create_model
     from imgcls.task import output_units

@@ -68,8 +68,11 @@ def test_pipeline_logs_to_a_real_server_and_reads_back(
         "figures/augmentation_grid.png"
     ]
 
+    # the evaluate stage logged both models to the same run, after evaluating them
+    logged = json.loads((root / "models/logged_models.json").read_text())
+    assert logged["run_id"] == info["run_id"] and logged["not_logged"] == []
     mlflow.set_tracking_uri(mlflow_server.url)
-    model = mlflow.pyfunc.load_model(info["model_uri"])
+    model = mlflow.pyfunc.load_model(logged["model_uri"])
     assert model.metadata.metadata["classes"] == [str(d) for d in range(10)]
     from imgcls.models.bundle import load_bundle
     from imgcls.training.run import load_split_data
@@ -95,14 +98,17 @@ def test_pipeline_logs_to_a_real_server_and_reads_back(
     assert (probs.argmax(1) == labels[:5]).mean() >= 0.6
     # tracking.register_model registers the servable pyfunc model (the pytorch one is not)
     versions = client.search_model_versions("name='imgcls-digits'")
-    assert [v.run_id for v in versions] == [info["run_id"]]
-    assert info["serving_model_uri"] and info["serving_model_uri"] != info["model_uri"]
+    assert {v.run_id for v in versions} == {info["run_id"]}
+    registered = logged["registered_model"]
+    assert registered["name"] == "imgcls-digits"
+    version = client.get_model_version("imgcls-digits", str(registered["version"]))
+    assert version.source == logged["serving_model_uri"] != logged["model_uri"]
 
     # serve the registered version over HTTP and post a real PNG of the test split, base64
     test_paths = data.frame.loc[data.frame["split"] == "test", "path"].tolist()[:3]
     files = [root / path for path in test_paths]  # the same order as data.part("test")
     with model_server(
-        f"models:/imgcls-digits/{versions[0].version}", mlflow_server.url, tmp_path / "serve.log"
+        f"models:/imgcls-digits/{version.version}", mlflow_server.url, tmp_path / "serve.log"
     ) as url:
         body = {"inputs": [base64.b64encode(f.read_bytes()).decode() for f in files]}
         resp = requests.post(f"{url}/invocations", json=body, timeout=60)
@@ -147,12 +153,16 @@ def test_server_dropping_mid_run_lets_training_finish(tmp_path: Path) -> None:
     assert (root / "metrics/train.json").is_file() and (root / "models/model.pt").is_file()
     info = json.loads((root / "models/run.json").read_text())
     lost = info["not_logged"]
-    assert "model" in lost and any(item.startswith("metrics (step") for item in lost)
-    assert "were NOT logged" in output and "metrics at steps" in output and "model" in output
+    assert any(item.startswith("metrics (step") for item in lost)
+    assert "were NOT logged" in output and "metrics at steps" in output
 
     evaluate = run("python", "pipeline/evaluate.py", cwd=root, uri=None)
     assert (root / "metrics/eval.json").is_file()
     assert "were NOT logged" in evaluate.stderr and "run status" in evaluate.stderr
+    # the evaluate stage logs the models: with the server gone, it lists them as lost
+    logged = json.loads((root / "models/logged_models.json").read_text())
+    assert {"model", "serving model"} <= set(logged["not_logged"])
+    assert logged["model_uri"] is logged["serving_model_uri"] is None
 
     # what did reach the server before it died is in its store
     client = MlflowClient(server.backend)

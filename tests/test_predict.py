@@ -15,8 +15,7 @@ from _datasets import with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
 from imgcls.evaluation.evaluate import predict_probs
-from imgcls.models.bundle import load_bundle, save_bundle
-from imgcls.predict import (
+from imgcls.inference.predict import (
     InputFile,
     PredictError,
     expand_inputs,
@@ -24,6 +23,7 @@ from imgcls.predict import (
     predict_paths,
     resolve_device,
 )
+from imgcls.models.bundle import load_bundle, save_bundle
 from imgcls.training.run import SplitData, load_split_data, train_model
 
 

@@ -26,10 +26,10 @@ from PIL import EpsImagePlugin, Image
 
 from _datasets import manifest_row
 from imgcls.data.dataset import DecodeError, _to_uint8, decode_images, infer_channels, load_image
+from imgcls.inference.predict import load_predictor, predict_paths
+from imgcls.inference.serving import MODEL_ARTIFACT, ImgclsServingModel, ServingError
 from imgcls.models.bundle import DEFAULT_LIMITS, load_bundle, save_bundle
 from imgcls.models.registry import create_model
-from imgcls.predict import load_predictor, predict_paths
-from imgcls.serving import MODEL_ARTIFACT, ImgclsServingModel, ServingError
 
 META = {
     "arch": "simple_cnn",

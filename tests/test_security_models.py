@@ -1,9 +1,10 @@
 """Models from a registry: loading one through imgcls runs none of its author's code.
 
-`imgcls predict --model-uri` (and `imgcls.serving.load_logged_model`) read only imgcls's own
-model file out of a logged model, with `torch.load(weights_only=True)`: never a pickled
-`model.pth`, never the model's `code/` folder on `sys.path`. Each test registers a hostile model
-in a real MLflow SQLite store and checks that the marker its code would write never appears.
+`imgcls predict --model-uri` (and `imgcls.inference.logged.load_logged_model`) read only
+imgcls's own model file out of a logged model, with `torch.load(weights_only=True)`: never a
+pickled `model.pth`, never the model's `code/` folder on `sys.path`. Each test registers a
+hostile model in a real MLflow SQLite store and checks that the marker its code would write never
+appears.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import yaml
 from PIL import Image
 
 from imgcls.cli import main
-from imgcls.predict import load_predictor
-from imgcls.serving import ServingError, bundle_artifact, load_logged_model
+from imgcls.inference.logged import ServingError, bundle_artifact, load_logged_model
+from imgcls.inference.predict import load_predictor
 
 META = {"classes": ["a", "b"], "image_size": 16, "channels": 1, "arch": "simple_cnn"}
 
@@ -188,15 +189,15 @@ def test_a_model_file_cannot_make_loading_read_or_download_other_weights(
 def test_a_trusted_serving_folder_keeps_the_weights_and_drops_the_authors_code(
     hostile, tmp_path: Path
 ) -> None:
-    """`python -m imgcls.serving URI FOLDER`: serve imgcls's code with the registry's weights."""
+    """`python -m imgcls.inference.serving URI FOLDER`: imgcls's code, the registry's weights."""
     import base64
     import io
 
     import mlflow.pyfunc
 
+    from imgcls.inference.serving import _CODE, main
     from imgcls.models.bundle import save_bundle
     from imgcls.models.registry import create_model
-    from imgcls.serving import _CODE, main
 
     model_dir = _pyfunc_model_dir(tmp_path / "src", hostile.marker)
     net = create_model("simple_cnn", in_chans=1, num_classes=2, image_size=16)

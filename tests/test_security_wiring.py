@@ -19,9 +19,9 @@ from imgcls.data.dataset import DecodeError, decode_images, npy_bytes
 from imgcls.data.manifest import build_manifest
 from imgcls.data.validation import validate_manifest
 from imgcls.errors import ImgclsError
+from imgcls.inference.predict import load_predictor, predict_paths
 from imgcls.io import read_csv, write_csv
 from imgcls.models.bundle import load_bundle, save_bundle
-from imgcls.predict import load_predictor, predict_paths
 from imgcls.training.run import load_split_data, load_training_data, train_model
 
 REPO = Path(__file__).resolve().parents[1]

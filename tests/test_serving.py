@@ -23,16 +23,16 @@ import pytest
 from PIL import Image
 
 from _datasets import write_pattern_dataset
-from imgcls.models.bundle import save_bundle
-from imgcls.models.registry import create_model
-from imgcls.predict import load_predictor, predict_paths
-from imgcls.serving import (
+from imgcls.inference.logged import load_logged_model
+from imgcls.inference.predict import load_predictor, predict_paths
+from imgcls.inference.serving import (
     ServingError,
     image_from_array,
-    load_logged_model,
     log_serving_model,
     request_items,
 )
+from imgcls.models.bundle import save_bundle
+from imgcls.models.registry import create_model
 
 META = {
     "arch": "simple_cnn",
@@ -56,6 +56,9 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict:
     client = mlflow.tracking.MlflowClient(uri)
     run = client.create_run(client.create_experiment("serving"))
     model_uri = log_serving_model(root / "model.pt", run.info.run_id, uri, "patterns")
+    # log_serving_model sets MLflow's global URI (and MLFLOW_TRACKING_URI): a module fixture
+    # runs before conftest's per-test reset records the URI, so undo it here for later modules
+    mlflow.set_tracking_uri(None)
     return {
         "root": root,
         "tracking_uri": uri,

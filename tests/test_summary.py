@@ -96,3 +96,14 @@ def test_mlflow_line_for_a_server_hides_its_login(tmp_path: Path) -> None:
     ]
     _write(tmp_path, "run.json", {"run_id": None, "tracking_uri": None})
     assert "tracking was off" in mlflow_lines(tmp_path / "run.json", env={})[0]
+
+
+def test_summary_names_the_model_the_evaluate_stage_logged(project: Path) -> None:
+    assert "model:" not in summarize(SummaryPaths())  # no record: tracking off / not run
+    record = {"run_id": "abc123", "serving_model_uri": "models:/m-1", "registered_model": None}
+    _write(project, "models/logged_models.json", record)
+    assert "model: models:/m-1 (logged, not registered)" in summarize(SummaryPaths())
+    record["registered_model"] = {"name": "digits", "version": 3}
+    _write(project, "models/logged_models.json", record)
+    text = summarize(SummaryPaths())
+    assert "model: models:/digits/3 (serve: mlflow models serve -m models:/digits/3" in text

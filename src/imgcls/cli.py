@@ -41,7 +41,11 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     from imgcls.summary import SummaryPaths, summarize
 
     paths = SummaryPaths(
-        Path(args.metrics), Path(args.details), Path(args.train), Path(args.run_file)
+        metrics=Path(args.metrics),
+        details=Path(args.details),
+        train=Path(args.train),
+        run_file=Path(args.run_file),
+        logged_models=Path(args.logged_models),
     )
     print(summarize(paths, args.against))
 
@@ -59,6 +63,7 @@ def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--details", default="reports/eval_details.json")
     p.add_argument("--train", default="metrics/train.json")
     p.add_argument("--run-file", default="models/run.json")
+    p.add_argument("--logged-models", default="models/logged_models.json")
     p.set_defaults(func=_cmd_summary)
 
 
@@ -132,7 +137,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     """Predict files / folders / globs and print or write a table, CSV or JSON."""
-    from imgcls import predict
+    from imgcls.inference import predict
     from imgcls.io import write_csv, write_json, write_text
 
     fmt = args.format or _format_from_suffix(args.output)
@@ -188,8 +193,8 @@ def _format_from_suffix(output: Path | None) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     """Export to ONNX or TorchScript and check it against PyTorch."""
-    from imgcls import export
-    from imgcls.predict import load_predictor
+    from imgcls.inference import export
+    from imgcls.inference.predict import load_predictor
 
     model = None if args.model_uri else (args.model or Path("models/model.pt"))
     predictor = load_predictor(model, args.model_uri, "cpu")

@@ -1,8 +1,8 @@
 """`imgcls summary`: what the last pipeline run produced, in a few lines a person reads.
 
 It reads only the stage outputs (metrics/eval.json, reports/eval_details.json,
-metrics/train.json, models/run.json) and git; no torch, no MLflow import, so it answers in a
-fraction of a second after `dvc repro`.
+metrics/train.json, models/run.json, models/logged_models.json) and git; no torch, no MLflow
+import, so it answers in a fraction of a second after `dvc repro`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class SummaryPaths:
     train: Path = Path("metrics/train.json")
     run_file: Path = Path("models/run.json")
     figures: Path = Path("reports/figures")
+    logged_models: Path = Path("models/logged_models.json")  # written by evaluate
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -165,6 +166,18 @@ def mlflow_lines(run_file: Path, env: Mapping[str, str] | None = None) -> list[s
     ]
 
 
+def model_line(logged_models: Path) -> str | None:
+    """The evaluated model the evaluate stage logged: its registered version, or its URI."""
+    info = read_json(logged_models) or {}
+    registered = info.get("registered_model")
+    if isinstance(registered, dict) and registered.get("name"):
+        uri = f"models:/{registered['name']}/{registered.get('version')}"
+        return f"model: {uri} (serve: mlflow models serve -m {uri} --env-manager local)"
+    if info.get("serving_model_uri"):
+        return f"model: {info['serving_model_uri']} (logged, not registered)"
+    return None
+
+
 def figures_line(figures: Path) -> str | None:
     """The figures that exist, and the command that draws DVC's plots."""
     found = [name for name in FIGURES if (figures / name).is_file()]
@@ -192,4 +205,5 @@ def summarize(paths: SummaryPaths, ref: str = "HEAD", env: Mapping[str, str] | N
     if details is not None:
         lines.append(f"every number: {paths.details}; curves: dvc plots show --open")
     lines += mlflow_lines(paths.run_file, env)
+    lines += [line for line in [model_line(paths.logged_models)] if line]
     return "\n".join(lines)

@@ -759,8 +759,8 @@ def _log_models(
     run: Run, model_path: Path, example: Any, metadata: Any, registered_name: str | None
 ) -> dict[str, str | None]:
     """In the logger: the `serving` pyfunc and the `mlflow.pytorch` model, from `model_path`."""
+    from imgcls.inference.serving import log_serving_model
     from imgcls.models.bundle import load_bundle
-    from imgcls.serving import log_serving_model
 
     serving = run._safe(
         "serving model", log_serving_model, model_path, run.run_id, run.uri, registered_name

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
 from imgcls.data.dataset import DECODE_ERRORS, load_image
-from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS, TOO_LARGE_ERRORS, ImageTooLarge
+from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS
 from imgcls.errors import ImgclsError
+from imgcls.inference.decode import decode_error
+from imgcls.inference.logged import load_logged_model
 from imgcls.models.bundle import limits_of, load_bundle
 from imgcls.task import Task, decide, decided_labels, task_of
 
@@ -116,8 +117,6 @@ def load_predictor(
         raise PredictError("give exactly one of --model PATH and --model-uri URI")
     dev = resolve_device(device)
     if model_uri is not None:
-        from imgcls.serving import load_logged_model  # imports mlflow: only when asked for
-
         net, meta = load_logged_model(model_uri)
         source = model_uri
     else:
@@ -197,24 +196,6 @@ def expand_inputs(specs: Sequence[str | Path]) -> list[InputFile]:
         else:
             add(InputFile(spec, "no such file or folder"))
     return out
-
-
-def decode_error(err: BaseException) -> str:
-    """A short reason for a file that cannot be decoded (same words as the manifest)."""
-    if isinstance(err, FileNotFoundError):
-        return "no such file"
-    if isinstance(err, IsADirectoryError):
-        return "is a folder"
-    if isinstance(err, PermissionError):
-        return "permission denied"
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image"
-    if isinstance(err, ImageTooLarge):
-        return str(err)  # "too large: 12000x12000 > max_image_pixels (89478485)"
-    if isinstance(err, (*TOO_LARGE_ERRORS, MemoryError)):
-        return "too large"
-    first = (str(err).splitlines() or [""])[0][:200]
-    return f"corrupt image ({type(err).__name__}: {first})" if first else "corrupt image"
 
 
 def read_image(

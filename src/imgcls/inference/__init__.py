@@ -1,0 +1,1 @@
+"""Inference: `imgcls predict`, the MLflow serving model, ONNX / TorchScript export."""
