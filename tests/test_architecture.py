@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("imgcls.data",),
     ("imgcls.models",),
     ("imgcls.training",),
-    ("imgcls.inference",),
+    ("imgcls.inference", "imgcls.serving"),  # imgcls.serving: shim for models logged before
     ("imgcls.evaluation",),
     ("imgcls.retrain", "imgcls.summary", "imgcls.cli"),
 ]
