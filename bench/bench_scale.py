@@ -105,7 +105,10 @@ def make_dataset(n: int, root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[
     idx = np.arange(n)
     df = pd.DataFrame(
         {
-            "path": [f"images/c{c}/s{g:07d}_{i:08d}.png" for c, g, i in zip(label, group_id, idx)],
+            "path": [
+                f"images/c{c}/s{g:07d}_{i:08d}.png"
+                for c, g, i in zip(label, group_id, idx, strict=True)
+            ],
             "label": np.char.add("c", label.astype(str)),
             "group": np.char.add("s", group_id.astype(str)),
             "source_split": np.where(group_test[group_id], "test", "train"),
@@ -183,7 +186,10 @@ def make_dataset(n: int, root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[
 
 def timed(cmd: list[str], cwd: Path) -> dict[str, object]:
     """Run `cmd` in `cwd`, wait with os.wait4 for its exact resource usage."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     log_path = cwd / f"{Path(cmd[1]).stem}.log"
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()

@@ -25,6 +25,14 @@ PHASH_RE = r"^[0-9a-f]{16}$"
 MAX_BUCKET = 64
 SAMPLE = 20_000  # hashes drawn to estimate each plan's candidate count
 MAX_KEYS = 80  # most exact-match keys (sort passes) a plan may use
+# Up to this many hashes, all pairs (blocked XOR + popcount): exact whatever the input, in a
+# bounded ~0.1 s; a dense cluster of a few thousand hashes needs no window.
+BRUTE_MAX = 3000
+# A plan is run exactly (window EXACT_FACTOR x max_bucket, a safety net for crowds the sample
+# missed) when its estimated work is below EXACT_FACTOR x max_bucket comparisons per hash
+# (1M random hashes: ~20; tight clusters of 75 near-identical images: ~500 at threshold 10).
+# Above that the input is a crowd, and the window is max_bucket.
+EXACT_FACTOR = 8
 # Relative costs, measured on numpy 2 / one core (~100 ns each): one key costs a sort of all
 # hashes, one candidate a gather + XOR + popcount; the plan with the lowest sum wins.
 COST_PER_KEY_HASH = 1.0
@@ -88,55 +96,70 @@ def search_close_pairs(
     n = uniq.size
     if n < 2 or threshold < 0:
         return np.empty((0, 2), dtype=np.int64), SearchStats(0, 0, 0, 0, 0, 0)
-    bands, per_key, masks = _plan(uniq, threshold, max_bucket)
+    if n <= BRUTE_MAX:
+        all_pairs = n * (n - 1) // 2
+        return _brute_force_pairs(uniq, threshold), SearchStats(0, 0, 0, all_pairs, 0, 0)
+    bands, per_key, masks, exact = _plan(uniq, threshold, max_bucket)
+    window = max_bucket * EXACT_FACTOR if exact else max_bucket
     found: list[np.ndarray] = []
     compared = skipped = 0
     crowded = np.zeros(n, dtype=bool)
     for mask in masks:
-        pairs, c, s = _close_in_buckets(uniq, mask, threshold, max_bucket, crowded)
+        pairs, c, s = _close_in_buckets(uniq, mask, threshold, window, crowded)
         found.append(pairs)
         compared += c
         skipped += s
-    out = _unique_pairs(np.concatenate(found), n)
+    out = unique_pairs(np.concatenate(found), n)
     stats = SearchStats(bands, per_key, len(masks), compared, skipped, int(crowded.sum()))
     if skipped:
         log.warning(
             "near-duplicate search: %d of %d distinct pHashes sit in crowded buckets (more than "
             "%d hashes agree on a %d-of-%d band key: many near-identical images); each was "
             "compared with its %d next hashes there only, %d comparisons skipped, so some close "
-            "pairs may be missed. Raise `max_bucket` (imgcls.data.phash.MAX_BUCKET) to search "
-            "further, at proportional cost.",
+            "pairs may be missed. Raise `max_bucket` (imgcls.data.phash.MAX_BUCKET, now %d) to "
+            "search further, at proportional cost.",
             stats.crowded,
             n,
-            max_bucket,
+            window,
             per_key,
             bands,
-            max_bucket,
+            window,
             skipped,
+            max_bucket,
         )
     return out, stats
 
 
-def _plan(uniq: np.ndarray, threshold: int, window: int) -> tuple[int, int, list[np.uint64]]:
-    """(bands, bands per key, key masks) of the cheapest pigeonhole plan for these hashes."""
-    if threshold >= 64:  # every pair is within 64 bits: one key (mask 0) holds all hashes
-        return 1, 0, [np.uint64(0)]
+def _plan(uniq: np.ndarray, threshold: int, window: int) -> tuple[int, int, list[np.uint64], bool]:
+    """(bands, bands per key, key masks, exact?) of the cheapest pigeonhole plan for these hashes.
+
+    Exactness first: the cheapest plan without a window, if its estimated work is within
+    EXACT_FACTOR x window comparisons per hash; otherwise (a crowd no key length splits) the
+    plan cheapest with the window applied.
+    """
     n = uniq.size
+    if threshold >= 64:  # every pair is within 64 bits: one key (mask 0) holds all hashes
+        return 1, 0, [np.uint64(0)], False
     rng = np.random.default_rng(0)  # a fixed sample: the same input always gets the same plan
     sample = uniq if n <= SAMPLE else uniq[rng.choice(n, SAMPLE, replace=False)]
     grow = n / sample.size  # a bucket of c sampled hashes stands for about c * grow hashes
-    best: tuple[float, int, int, list[np.uint64]] | None = None
+    exact: list[tuple[float, int, float]] = []
+    capped: list[tuple[float, int]] = []
+    plans: list[tuple[int, int, list[np.uint64]]] = []
     for per_key in range(1, 64 - threshold + 1):
         bands = threshold + per_key
         if math.comb(bands, per_key) > MAX_KEYS:
             break
         masks = _key_masks(bands, per_key)
-        est = sum(_comparisons(sample & m, grow, window) for m in masks)
-        cost = len(masks) * n * COST_PER_KEY_HASH + est * COST_PER_CANDIDATE
-        if best is None or cost < best[0]:
-            best = (cost, bands, per_key, masks)
-    assert best is not None  # per_key = 1 always fits: threshold + 1 <= 64 bands, 1 key each
-    return best[1], best[2], best[3]
+        full, windowed = np.sum([_comparisons(sample & m, grow, window) for m in masks], axis=0)
+        sorts = len(masks) * n * COST_PER_KEY_HASH
+        exact.append((sorts + full * COST_PER_CANDIDATE, len(plans), full))
+        capped.append((sorts + windowed * COST_PER_CANDIDATE, len(plans)))
+        plans.append((bands, per_key, masks))
+    _, pick, full = min(exact)  # per_key = 1 always fits: threshold + 1 <= 64 bands, 1 key each
+    if full <= EXACT_FACTOR * window * n:
+        return (*plans[pick], True)
+    return (*plans[min(capped)[1]], False)
 
 
 def _key_masks(bands: int, per_key: int) -> list[np.uint64]:
@@ -150,11 +173,12 @@ def _key_masks(bands: int, per_key: int) -> list[np.uint64]:
     return [np.uint64(sum(band[b] for b in combo)) for combo in combinations(range(bands), per_key)]
 
 
-def _comparisons(keys: np.ndarray, grow: float, window: int) -> float:
-    """Estimated comparisons for one key: pairs per bucket, a crowded one capped by the window."""
+def _comparisons(keys: np.ndarray, grow: float, window: int) -> tuple[float, float]:
+    """Estimated comparisons for one key: all pairs per bucket, and with the window applied."""
     counts = run_lengths(np.sort(keys))
     size = counts[counts > 1] * grow
-    return float(np.minimum(size * (size - 1) / 2, size * window).sum())
+    pairs = size * (size - 1) / 2
+    return float(pairs.sum()), float(np.minimum(pairs, size * window).sum())
 
 
 def _close_in_buckets(
@@ -198,8 +222,8 @@ def _close_in_buckets(
     return pairs, compared, full - done
 
 
-def _unique_pairs(pairs: np.ndarray, n: int) -> np.ndarray:
-    """Each pair once as (i < j), sorted (a pair may be found under several keys)."""
+def unique_pairs(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Each pair of indices below `n` once, as (i < j), sorted (a pair may be listed twice)."""
     if not len(pairs):
         return np.empty((0, 2), dtype=np.int64)
     lo = np.minimum(pairs[:, 0], pairs[:, 1]).astype(np.int64)
@@ -220,3 +244,15 @@ def run_lengths(sorted_values: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     edge = np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1
     return np.diff(np.concatenate([[0], edge, [sorted_values.size]]))
+
+
+def _brute_force_pairs(uniq: np.ndarray, threshold: int, block: int = 256) -> np.ndarray:
+    """All pairs within `threshold` bits by XOR + popcount in blocks (upper triangle only)."""
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for start in range(0, uniq.size, block):
+        rows = uniq[start : start + block]
+        dist = np.bitwise_count(rows[:, None] ^ uniq[None, start:])  # (block, n - start)
+        i, j = np.nonzero(dist <= threshold)
+        keep = j > i  # upper triangle: each pair once, no self-pairs
+        found.append(np.stack([start + i[keep], start + j[keep]], axis=1))
+    return unique_pairs(np.concatenate(found), uniq.size)
