@@ -4,7 +4,9 @@ Three steps (rationale and measured quality in docs/split.md and bench/RESULTS.m
 
 1. **Candidates.** Files are collapsed to one representative per sha256 (byte-identical copies are
    exact duplicates, grouped elsewhere); pairs of representatives whose 64-bit pHashes are within
-   `threshold` bits are candidates (:mod:`imgcls.data.phash`, multi-index hashing).
+   `threshold` bits are candidates (:mod:`imgcls.data.phash`: multi-index hashing, exact on
+   ordinary data, a counted and logged window on crowds, never all pairs). Only the files of
+   candidate pairs are opened in step 2.
 2. **Verification.** pHash collides for different objects on tiny or low-texture images (28-px
    glyphs, flat backgrounds), so each candidate pair is checked on the images themselves: both
    are reduced to a 16x16 grayscale thumbnail (antialiased bilinear), normalised to zero mean
