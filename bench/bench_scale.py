@@ -1,6 +1,7 @@
 """Scale bench: the validate and split stages on synthetic manifests of 100k, 1M and 3M rows.
 
 Run: .venv/bin/python bench/bench_scale.py [--rows 100000 1000000] [--quick] [--json out.json]
+     [--seed 0] [--near 0.02] [--collisions 0.005] [--classes 10]  (other data shapes)
 
 Each stage runs as DVC runs it, a fresh `python pipeline/validate.py` / `pipeline/split.py` with
 their CLI flags, in a work folder that holds the manifest and the image files; the bench reads
@@ -90,16 +91,23 @@ def _write(root: Path, rel: str, data: bytes) -> tuple[str, str]:
         return hashlib.sha256(data).hexdigest(), phash(im)
 
 
-def make_dataset(n: int, root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+def make_dataset(
+    n: int,
+    root: Path,
+    seed: int = 0,
+    near: float = NEAR_FRACTION,
+    collisions: float = COLLISION_FRACTION,
+    classes: int = CLASSES,
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """A synthetic manifest of `n` rows under `root`, and counts of what was planted."""
     rng = np.random.default_rng(seed)
-    weights = np.linspace(1.0, 2.5, CLASSES)
+    weights = np.linspace(1.0, 2.5, classes)
     # subject groups inside one class, sizes 1..40 (geometric, mean ~4)
     sizes = np.minimum(rng.geometric(0.25, n), 40)
     sizes = sizes[: np.searchsorted(np.cumsum(sizes), n) + 1]
     sizes[-1] -= sizes.sum() - n
     group_id = np.repeat(np.arange(sizes.size), sizes)
-    group_class = rng.choice(CLASSES, sizes.size, p=weights / weights.sum())
+    group_class = rng.choice(classes, sizes.size, p=weights / weights.sum())
     group_test = rng.random(sizes.size) < TEST_GROUP_FRACTION
     label = group_class[group_id]
     idx = np.arange(n)
@@ -122,7 +130,7 @@ def make_dataset(n: int, root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[
         }
     )
     perm = rng.permutation(n)  # disjoint rows for each planted kind
-    k_near, k_coll = int(n * NEAR_FRACTION), int(n * COLLISION_FRACTION)
+    k_near, k_coll = int(n * near), int(n * collisions)
     k_copy, k_err = int(n * COPY_FRACTION), int(n * ERROR_FRACTION)
     near_rows = np.sort(perm[:k_near])
     coll_rows = np.sort(perm[k_near : k_near + k_coll])
@@ -207,11 +215,11 @@ def timed(cmd: list[str], cwd: Path) -> dict[str, object]:
     }
 
 
-def bench_size(n: int, work: Path, seed: int) -> dict[str, object]:
+def bench_size(n: int, work: Path, seed: int, **shape: float) -> dict[str, object]:
     """Make the data for `n` rows, run validate then split; figures per stage."""
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    df, planted = make_dataset(n, work, seed)
+    df, planted = make_dataset(n, work, seed, **shape)  # type: ignore[arg-type]
     df.to_csv(work / "manifest.csv", index=False)
     make_s = time.perf_counter() - t0
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
@@ -282,12 +290,26 @@ def markdown(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    """The CPU model line (what `lscpu` shows as Model name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     """Bench each size; print a table and the checks against the targets."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--quick", action="store_true", help="smoke run: 20,000 rows only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--near", type=float, default=NEAR_FRACTION, help="share of rows in clusters")
+    ap.add_argument("--collisions", type=float, default=COLLISION_FRACTION)
+    ap.add_argument("--classes", type=int, default=CLASSES)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data here")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
@@ -296,7 +318,8 @@ def main() -> None:
     results = []
     try:
         for n in rows:
-            r = bench_size(n, base / f"rows{n}", args.seed)
+            shape = {"near": args.near, "collisions": args.collisions, "classes": args.classes}
+            r = bench_size(n, base / f"rows{n}", args.seed, **shape)
             results.append(r)
             print(json.dumps(r, indent=1), flush=True)
             if not args.workdir:
@@ -305,7 +328,7 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; load now {os.getloadavg()}")
     print(markdown(results))
     total = {r["rows"]: sum(s["wall_s"] for s in r["stages"].values()) for r in results}
     for r in results:
