@@ -198,3 +198,25 @@ def test_merged_group_larger_than_its_class_share_is_warned(tmp_path: Path) -> N
     assert group["rows"] == 5 and group["class_share"] == pytest.approx(5 / 16)
     share = [o for o in result.report["expectations"] if "holds more than 20%" in o["title"]]
     assert len(share) == 1 and not share[0]["success"]
+
+
+def test_pairs_scored_in_chunks_match_one_pass(tmp_path: Path, monkeypatch) -> None:
+    """Scoring in chunks (flat memory for millions of pairs) changes no pair and no score."""
+    import imgcls.data.near_duplicates as nd
+
+    rels, labels = [], []
+    for i in range(4):
+        rels.append(save(tmp_path, f"p{i}/orig.png", garment(i)))
+        rels.append(save(tmp_path, f"p{i}/copy.jpg", garment(i).convert("RGB"), quality=85))
+        rels.append(
+            save(tmp_path, f"p{i}/bright.png", ImageEnhance.Brightness(garment(i)).enhance(1.1))
+        )
+        labels += [f"c{i}"] * 3
+    df = describe(tmp_path, rels, labels)
+    whole = detect(tmp_path, df)
+    monkeypatch.setattr(nd, "PAIR_CHUNK", 1)
+    chunked = detect(tmp_path, df)
+    assert len(whole.pairs) >= 8 and whole.skipped == 0
+    assert np.array_equal(whole.pairs, chunked.pairs)
+    assert np.array_equal(whole.similarity, chunked.similarity)
+    assert np.array_equal(whole.detail, chunked.detail, equal_nan=True)

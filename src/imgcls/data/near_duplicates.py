@@ -4,7 +4,9 @@ Three steps (rationale and measured quality in docs/split.md and bench/RESULTS.m
 
 1. **Candidates.** Files are collapsed to one representative per sha256 (byte-identical copies are
    exact duplicates, grouped elsewhere); pairs of representatives whose 64-bit pHashes are within
-   `threshold` bits are candidates (:mod:`imgcls.data.phash`, multi-index hashing).
+   `threshold` bits are candidates (:mod:`imgcls.data.phash`: multi-index hashing, exact on
+   ordinary data, a counted and logged window on crowds, never all pairs). Only the files of
+   candidate pairs are opened in step 2.
 2. **Verification.** pHash collides for different objects on tiny or low-texture images (28-px
    glyphs, flat backgrounds), so each candidate pair is checked on the images themselves: both
    are reduced to a 16x16 grayscale thumbnail (antialiased bilinear), normalised to zero mean
@@ -29,6 +31,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +45,7 @@ from imgcls.data.imageinfo import (
     open_image,
     to_gray,
 )
-from imgcls.data.phash import close_hash_pairs, parse_phashes
+from imgcls.data.phash import MAX_BUCKET, parse_phashes, search_close_pairs, unique_pairs
 from imgcls.io import atomic_path
 
 log = logging.getLogger("imgcls.near_duplicates")
@@ -57,6 +60,7 @@ FLAT_STD = 1.0  # gray levels: a thumbnail this flat has no structure to correla
 FLAT_MEAN_TOLERANCE = 8.0  # gray levels: two flat images are duplicates if this close
 BUCKET_ALL_PAIRS = 64  # identical-hash buckets up to this size are compared pairwise
 PARALLEL_MIN = 4000  # thumbnails to load before worker processes pay off
+PAIR_CHUNK = 8192  # pairs scored at once: bounds the float64 temporaries (~70 MB at 32x32)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class NearDuplicates:
     centre: np.ndarray  # (clusters,) row position of each cluster's centre
     candidates: int  # candidate pairs the pHash index proposed
     unverifiable: int  # candidate pairs whose images could not be read (left unmerged)
+    skipped: int = 0  # hash comparisons the crowded-bucket window left out (0: search exact)
 
     @property
     def cut(self) -> int:
@@ -123,10 +128,13 @@ def find_near_duplicates(
     sizes: np.ndarray | None = None,
     max_detail_difference: float = DEFAULT_MAX_DETAIL_DIFFERENCE,
     workers: int = 0,
+    max_bucket: int = MAX_BUCKET,
 ) -> NearDuplicates:
     """Candidate pairs by pHash, verified on thumbnails, clustered around centres (module doc).
 
     `sizes`: (n, 2) width, height per row; pairs of one size also pass the detail gate.
+    `max_bucket`: the pHash search's window in crowded buckets (:mod:`imgcls.data.phash`).
+    Only the images of candidate pairs are opened, so the cost follows the candidates, not n.
     """
     n = len(paths)
     if threshold < 0 or n < 2:
@@ -139,9 +147,10 @@ def find_near_duplicates(
     codes = pd.factorize(sha)[0]
     first = pd.Series(np.arange(len(codes))).groupby(codes).min().to_numpy()
     rep_pos, rep_hash = pos[first], hashes[first]
-    cand = candidate_pairs(rep_hash, threshold)
+    cand, skipped = _candidates(rep_hash, threshold, max_bucket)
     result = empty_result(n)
     result.candidates = len(cand)
+    result.skipped = skipped
     if not len(cand):
         return result
     rows = rep_pos[cand]  # (C, 2) row positions
@@ -153,14 +162,14 @@ def find_near_duplicates(
     readable = good[sa] & good[sb]
     result.unverifiable = int((~readable).sum())
     sim = np.full(len(rows), -1.0)
-    sim[readable] = similarity(coarse[sa[readable]], coarse[sb[readable]])
+    sim[readable] = _scored(similarity, coarse, sa[readable], sb[readable])
     detail = np.full(len(rows), np.nan)
     if sizes is not None:  # only pairs that passed the first gate: few, and the costly check
         same = (sim >= min_similarity) & (sizes[rows[:, 0]] == sizes[rows[:, 1]]).all(axis=1)
         # Below DETAIL_MIN_SIDE px the 32-px detail thumbnail is an upsampled blur: it would
         # measure JPEG's 8x8 blocks, not content (digits: 8x8 px).
         same &= sizes[rows[:, 0]].min(axis=1) >= DETAIL_MIN_SIDE
-        detail[same] = detail_difference(fine[sa[same]], fine[sb[same]])
+        detail[same] = _scored(detail_difference, fine, sa[same], sb[same])
     keep = (sim >= min_similarity) & ~(detail > max_detail_difference)
     result.pairs = np.sort(rows[keep], axis=1)
     result.similarity = sim[keep]
@@ -174,24 +183,31 @@ def find_near_duplicates(
     return result
 
 
-def candidate_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
+def candidate_pairs(hashes: np.ndarray, threshold: int, max_bucket: int = MAX_BUCKET) -> np.ndarray:
     """Index pairs (i < j) of hashes within `threshold` bits, every pair listed.
 
     Rows sharing one hash are compared pairwise up to BUCKET_ALL_PAIRS rows per hash; a larger
     bucket (a flood of blank images) is linked as a star to its first row, which bounds the work.
+    Distinct hashes: :func:`imgcls.data.phash.search_close_pairs` (exact unless buckets crowd).
     """
+    return _candidates(hashes, threshold, max_bucket)[0]
+
+
+def _candidates(hashes: np.ndarray, threshold: int, max_bucket: int) -> tuple[np.ndarray, int]:
+    """Candidate pairs (i < j) and the comparisons the crowded-bucket window skipped."""
     if threshold < 0 or hashes.size < 2:
-        return np.empty((0, 2), dtype=np.int64)
+        return np.empty((0, 2), dtype=np.int64), 0
     uniq, inverse = np.unique(hashes, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     counts = np.bincount(inverse, minlength=len(uniq))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out = [_within_buckets(order, starts, counts)]
+    skipped = 0
     if threshold > 0 and uniq.size > 1:
-        upairs = close_hash_pairs(uniq, threshold)
+        upairs, stats = search_close_pairs(uniq, threshold, max_bucket)
+        skipped = stats.skipped
         out.append(_across_buckets(order, starts, counts, upairs))
-    pairs = np.sort(np.concatenate(out), axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    return unique_pairs(np.concatenate(out), hashes.size), skipped
 
 
 def _within_buckets(order: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -243,10 +259,13 @@ def thumbnails(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 
 
 def _thumbnails_chunk(args: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thumbnails of a list of paths under root; unreadable files get ok=False (never raises)."""
+    """Thumbnails of a list of paths under root; unreadable files get ok=False (never raises).
+
+    Stored as uint8 (the gray thumbnails are 8-bit, so nothing is lost): 1.3 KB per image.
+    """
     paths, root = args
-    coarse = np.zeros((len(paths), THUMB * THUMB), dtype=np.float32)
-    fine = np.zeros((len(paths), DETAIL * DETAIL), dtype=np.float32)
+    coarse = np.zeros((len(paths), THUMB * THUMB), dtype=np.uint8)
+    fine = np.zeros((len(paths), DETAIL * DETAIL), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     for i, p in enumerate(paths):
         try:
@@ -260,7 +279,7 @@ def _thumbnails_chunk(args: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarr
 def load_thumbnails(
     paths: list[str], root: Path | str = ".", workers: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, 256) and (N, 1024) thumbnails and a readable mask; several processes for many."""
+    """(N, 256) and (N, 1024) uint8 thumbnails and a readable mask; several processes for many."""
     n_proc = workers or (os.cpu_count() or 1)
     if len(paths) < PARALLEL_MIN or n_proc <= 1:
         return _thumbnails_chunk((paths, str(root)))
@@ -269,6 +288,20 @@ def load_thumbnails(
     with ProcessPoolExecutor(n_proc) as pool:
         parts = list(pool.map(_thumbnails_chunk, chunks))
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def _scored(
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    thumbs: np.ndarray,
+    sa: np.ndarray,
+    sb: np.ndarray,
+) -> np.ndarray:
+    """`score` of thumbnail pairs (slots sa, sb) in chunks: memory stays flat with many pairs."""
+    out = np.empty(len(sa))
+    for i in range(0, len(sa), PAIR_CHUNK):
+        j = slice(i, i + PAIR_CHUNK)
+        out[j] = score(thumbs[sa[j]], thumbs[sb[j]])
+    return out
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
