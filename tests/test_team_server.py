@@ -11,6 +11,7 @@ Needs Debian's `postgresql` package: skipped with the reason outside CI, a failu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from _ci import require_tool
 from _mlflow_server import Server, run, start_server
 from _postgres import INSTALL, Postgres, missing_postgres, postgres
-from _project import make_project, sh
+from _project import BIN, make_project, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team_server")]
 
@@ -143,6 +144,28 @@ def queue_status(root: Path) -> dict[str, str]:
     return status
 
 
+def start_queue(root: Path, uri: str, jobs: int) -> None:
+    """`dvc queue start -j JOBS`; its workers inherit MLFLOW_TRACKING_URI from it."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    # to a file, not a pipe: the detached workers keep the command's stdout open until they exit
+    with open(root.parent / "queue-start.log", "wb") as log:
+        done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+    assert done.returncode == 0, (root.parent / "queue-start.log").read_text()
+
+
+def stop_queue(root: Path, timeout: float = 120) -> None:
+    """`dvc queue stop`, then wait until its idle workers have exited."""
+    run("dvc", "queue", "stop", cwd=root, uri=None, check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = run("dvc", "queue", "status", cwd=root, uri=None, check=False).stdout
+        if "0 active, 0 idle" in out or "Worker status" not in out:
+            return
+        time.sleep(2)
+
+
 def wait_for_queue(root: Path, timeout: float = 1200) -> dict[str, str]:
     """Poll the queue until every experiment has finished (or failed)."""
     deadline = time.monotonic() + timeout
@@ -172,12 +195,11 @@ def test_four_queued_experiments_two_at_a_time_all_recorded_none_crossed(
         sets = [arg for key, value in values.items() for arg in ("-S", f"{key}={value}")]
         run("dvc", "exp", "run", "--queue", "--name", name, *sets, cwd=root, uri=server.url)
     start = time.monotonic()
-    # the queue's workers inherit MLFLOW_TRACKING_URI from this command
-    run("dvc", "queue", "start", "-j", "2", cwd=root, uri=server.url)
+    start_queue(root, server.url, jobs=2)
     try:
         status = wait_for_queue(root)
     finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=root, capture_output=True, timeout=120)
+        stop_queue(root)
     elapsed = time.monotonic() - start
     if set(status.values()) != {"Success"}:
         logs = {
