@@ -119,7 +119,7 @@ def cache_files(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "data/cache").glob("images-*.npy"))
 
 
-# ~35 s on a loaded 2-core box: two torchrun jobs of two processes each (4 torch imports)
+# 40 s (quiet) to 80 s (load 14) on the shared 2-core box: two torchrun jobs of two processes
 @pytest.mark.slow
 def test_two_nodes_train_exactly_like_one_node_with_two_processes(tmp_path: Path) -> None:
     origin = make_project(tmp_path / "origin", **TINY)
