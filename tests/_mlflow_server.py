@@ -44,11 +44,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, timeout: float = 90) -> Server:
-    """`mlflow server` bound to 127.0.0.1 with a SQLite backend and proxied artifacts."""
+def start_server(
+    folder: Path, timeout: float = 90, backend: str | None = None, workers: int = 1
+) -> Server:
+    """`mlflow server` on 127.0.0.1 with proxied artifacts; SQLite unless `backend` is given."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    backend = f"sqlite:///{folder / 'mlflow.db'}"
+    backend = backend or f"sqlite:///{folder / 'mlflow.db'}"
     cmd = [
         str(BIN / "mlflow"),
         "server",
@@ -62,7 +64,7 @@ def start_server(folder: Path, timeout: float = 90) -> Server:
         str(folder / "artifacts"),
         "--serve-artifacts",
         "--workers",
-        "1",
+        str(workers),
     ]
     log = open(folder / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     # its own process group, so that stop() also ends the uvicorn worker it spawns

@@ -102,11 +102,16 @@ def barrier() -> None:
 
 @contextmanager
 def main_first(dist: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills the decode cache); the others then reuse it."""
-    if dist.enabled and not dist.is_main:
+    """Each node's local rank 0 runs the block first (fills its decode cache); the rest reuse it.
+
+    Per node, not rank 0 alone: every node has its own disk, so the nodes decode side by side
+    instead of one after the other.
+    """
+    first = dist.local_rank == 0
+    if dist.enabled and not first:
         barrier()
     yield
-    if dist.enabled and dist.is_main:
+    if dist.enabled and first:
         barrier()
 
 
