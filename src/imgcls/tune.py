@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shlex
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,7 @@ def _open_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     rdb: Any = storage
     if "://" in storage:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         rdb = optuna.storages.RDBStorage(
             storage,
             engine_kwargs={"connect_args": {"timeout": _SQLITE_TIMEOUT_S}}
@@ -814,6 +816,7 @@ def plot_history(study: optuna.Study, metric: str) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from optuna.trial import TrialState
 
     maximise = study.direction.name == "MAXIMIZE"
@@ -843,6 +846,7 @@ def plot_history(study: optuna.Study, metric: str) -> Any:
             ax.annotate(
                 "params.yaml", (t.number, t.value), textcoords="offset points", xytext=(5, -12)
             )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(f"{study.study_name}: optimisation history")
