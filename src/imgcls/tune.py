@@ -407,7 +407,9 @@ def _open_study(
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials)
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.pruner.startup_trials, n_warmup_steps=cfg.pruner.warmup_epochs
+            n_startup_trials=cfg.pruner.startup_trials,
+            # steps are epoch numbers (1-based); Optuna prunes from step n_warmup_steps on
+            n_warmup_steps=cfg.pruner.warmup_epochs + 1,
         )
         if cfg.pruner.enabled
         else optuna.pruners.NopPruner()
@@ -487,7 +489,7 @@ def _report_trial(
             )
     elif trial.state == TrialState.PRUNED:
         why = trial.user_attrs.get("stopped", "")
-        log.info("trial %d: pruned at epoch %s %s%s", trial.number, trial.last_step, why, best_text)
+        log.info("trial %d: pruned (%s)%s", trial.number, why, best_text)
         if parent is not None:
             parent.log_metrics({"trial_pruned_epoch": trial.last_step or 0}, step=trial.number)
 
