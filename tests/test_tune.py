@@ -298,6 +298,8 @@ def test_tune_resumes_the_study_after_an_interruption(split_project: Path, tmp_p
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a runner started in the background ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -345,8 +347,19 @@ def test_dvc_grid_sweep_through_the_queue(split_project: Path, tmp_path: Path) -
         cwd=root,
     )
     assert sh("dvc", "queue", "status", cwd=root).stdout.count("Queued") == 2
-    sh("dvc", "queue", "start", "--jobs", "1", cwd=root)
-    deadline = time.monotonic() + 400
+    # the worker runs detached and keeps inherited pipes open: no capture here
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    subprocess.run(
+        ["dvc", "queue", "start", "--jobs", "1"],
+        cwd=root,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         status = sh("dvc", "queue", "status", cwd=root).stdout
         if "Queued" not in status and "Running" not in status:

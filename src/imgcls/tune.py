@@ -17,6 +17,8 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -48,6 +50,9 @@ log = logging.getLogger("imgcls.tune")
 _RUNTIME_KEYS = ("device", "num_workers", "cpu_threads")
 # A SQLite study shared by several worker processes: wait for the lock instead of failing.
 _SQLITE_TIMEOUT_S = 60
+# Set by Ctrl-C: a KeyboardInterrupt raised inside a finaliser (gc after each trial, SQLAlchemy)
+# is printed and dropped by Python, so the next epoch end or trial end raises it again.
+_INTERRUPTED = threading.Event()
 # Heartbeats let a rerun mark trials of a killed process as failed (after the grace period).
 _HEARTBEAT_S, _GRACE_S = 10, 30
 
@@ -303,6 +308,8 @@ def make_objective(params: Params, job: _Job, data: _DataCache) -> Callable[[opt
         log.info("trial %d: %s", trial.number, shown)
 
         def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
+            if _INTERRUPTED.is_set():
+                raise KeyboardInterrupt
             if run is not None:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             if metric not in row:
@@ -441,6 +448,8 @@ def run_job(job: _Job) -> None:
     from imgcls.stage import setup_logging
 
     setup_logging()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     if job.threads:
         import torch
 
@@ -457,6 +466,8 @@ def run_job(job: _Job) -> None:
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         _report_trial(study, trial, parent)
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         if _finished(study) >= job.target:
             study.stop()
 
@@ -470,6 +481,12 @@ def run_job(job: _Job) -> None:
     )
     if parent is not None:
         parent.warn_not_logged("tune")
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: remember it (see _INTERRUPTED), then interrupt as Python would."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 def _report_trial(
