@@ -308,6 +308,62 @@ def _add_lr_find_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lr_find)
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    """Optuna search over tune.space; trials in MLflow; print the `dvc exp run` for the best."""
+    from imgcls.stage import setup_logging
+    from imgcls.tune import TuneOptions, format_result, tune
+
+    setup_logging()
+    opts = TuneOptions(
+        params_path=Path(args.params),
+        splits=args.splits,
+        cache_dir=args.cache_dir,
+        out_dir=args.out,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        jobs=args.jobs,
+    )
+    try:
+        result = tune(opts)
+    except KeyboardInterrupt:
+        print(
+            "imgcls tune: interrupted; rerun the same command to resume the study", file=sys.stderr
+        )
+        sys.exit(130)
+    print(format_result(result))
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    """`imgcls tune` (see docs/tune.md)."""
+    p = sub.add_parser(
+        "tune",
+        help="search hyperparameters (Optuna; trials as MLflow child runs; DVC reproduces)",
+        description="Search tune.space of params.yaml with Optuna (TPE, median pruning per "
+        "epoch) on data/processed/splits.csv. Every trial is an MLflow child run of one parent "
+        "run; the study is stored next to the MLflow store and a rerun resumes it. Ends with "
+        "reports/tune/best.yaml and the `dvc exp run -S ...` command that reproduces the best "
+        "trial. See docs/tune.md.",
+    )
+    p.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        help="finished trials the study should reach (default: tune.n_trials); "
+        "a rerun only runs the missing ones",
+    )
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--jobs", type=int, default=1, help="trials in parallel processes (1)")
+    p.add_argument(
+        "--splits",
+        type=Path,
+        default=Path("data/processed/splits.csv"),
+        help="splits.csv from `dvc repro split` (data/processed/splits.csv)",
+    )
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="(data/cache)")
+    p.add_argument("--out", type=Path, default=Path("reports/tune"), help="(reports/tune)")
+    p.set_defaults(func=_cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     ap = argparse.ArgumentParser(
@@ -327,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_parser(sub)
     _add_predict_export_parsers(sub)
     _add_lr_find_parser(sub)
+    _add_tune_parser(sub)
     return ap
 
 

@@ -325,6 +325,115 @@ class TrackingConfig(Strict):
     register_model: str | None = None
 
 
+# --------------------------------------------------------------------------- tune
+
+
+class FloatDist(Strict):
+    """A float searched in [low, high], optionally on a log scale or in steps."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+
+class IntDist(Strict):
+    """An integer searched in [low, high], optionally on a log scale or in steps."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+
+class CategoricalDist(Strict):
+    """One of a list of values (numbers, strings, booleans, null)."""
+
+    type: Literal["categorical"]
+    choices: list[bool | int | float | str | None] = Field(min_length=1)
+
+
+Distribution = FloatDist | IntDist | CategoricalDist
+_DISTRIBUTIONS: dict[str, type[Strict]] = {
+    "float": FloatDist,
+    "int": IntDist,
+    "categorical": CategoricalDist,
+}
+TUNABLE_SECTIONS = ("train", "model", "augment")
+
+
+def _distribution(key: str, spec: Any) -> Distribution:
+    """One `tune.space` entry, with an error that names the key, what is wrong and the fix."""
+    where = f"tune.space.{key}"
+    if not isinstance(spec, dict) or spec.get("type") not in _DISTRIBUTIONS:
+        raise ValueError(
+            f"{where}: expected a mapping with type float, int or categorical, e.g. "
+            "{type: float, low: 0.0001, high: 0.01, log: true}, got " + repr(spec)
+        )
+    cls = _DISTRIBUTIONS[spec["type"]]
+    unknown = sorted(set(spec) - set(cls.model_fields))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown} for type {spec['type']}; "
+            f"allowed: {', '.join(cls.model_fields)}"
+        )
+    try:
+        dist = cls.model_validate(spec)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}.{field}: {first['msg']} (got {first.get('input')!r})") from None
+    if isinstance(dist, FloatDist | IntDist):
+        if dist.low >= dist.high:
+            raise ValueError(f"{where}: low {dist.low} must be below high {dist.high}")
+        if dist.log and (dist.low <= 0 or (isinstance(dist, FloatDist) and dist.step)):
+            raise ValueError(f"{where}: log: true needs low > 0 and no float step")
+    return dist
+
+
+class PrunerConfig(Strict):
+    """Median pruning: stop a trial whose epoch value is worse than the median of earlier ones."""
+
+    enabled: bool = True
+    startup_trials: int = Field(3, ge=0)  # finished trials before any pruning
+    warmup_epochs: int = Field(1, ge=0)  # epochs of a trial that are never pruned
+
+
+class TuneConfig(Strict):
+    """`tune` section: the hyperparameter search of `imgcls tune` (docs/tune.md)."""
+
+    # dotted train.* / model.* / augment.* key -> distribution (float / int / categorical)
+    space: dict[str, Distribution] = {}
+    n_trials: int = Field(20, ge=1)  # finished trials the study should reach (a rerun resumes)
+    timeout: float | None = Field(None, gt=0)  # seconds for this invocation
+    metric: str | None = None  # epoch-row key to optimise; None: train.monitor
+    direction: Literal["auto", "maximize", "minimize"] = "auto"  # auto: minimise *loss
+    startup_trials: int = Field(5, ge=0)  # random trials before TPE models the space
+    baseline_first: bool = True  # trial 0 = params.yaml's own values (where inside the space)
+    pruner: PrunerConfig = PrunerConfig()
+    study_name: str | None = None  # None: derived from what the trials train (see docs/tune.md)
+    storage: str | None = None  # Optuna RDB URL; None: optuna.db next to the MLflow SQLite store
+
+    @model_validator(mode="before")
+    @classmethod
+    def _space(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("space"):
+            return data
+        if not isinstance(data["space"], dict):
+            raise ValueError("tune.space must map dotted keys (train.lr) to distributions")
+        space = {}
+        for key, spec in data["space"].items():
+            if str(key).split(".")[0] not in TUNABLE_SECTIONS or "." not in str(key):
+                raise ValueError(
+                    f"tune.space.{key}: only train.*, model.* and augment.* keys can be searched "
+                    "(dotted, e.g. train.lr, model.kwargs.dropout, augment.train.0.p)"
+                )
+            space[str(key)] = _distribution(str(key), spec)
+        return {**data, "space": space}
+
+
 # --------------------------------------------------------------------------- whole file
 
 
@@ -340,12 +449,93 @@ class Params(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _tune_keys(self) -> Params:
+        # Every searched key must name a real setting, and both ends of its range must be valid
+        # values of it: a typo or an impossible bound fails here, not in trial 7.
+        for key, dist in self.tune.space.items():
+            values = dist.choices if isinstance(dist, CategoricalDist) else [dist.low, dist.high]
+            for value in values:
+                with_overrides(self, {key: value}, where=f"tune.space.{key}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Fully resolved params as plain data, with the YAML section names."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+def _missing_key(data: Any, parts: list[str]) -> str | None:
+    """Why dotted `parts` cannot be set in `data` (None if it can); lists are indexed by number."""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        elif isinstance(data, dict) and (part in data or (last and _open_mapping(parts))):
+            data = data.get(part)
+        else:
+            here = ".".join(parts[:i])
+            if isinstance(data, dict):
+                have = f"its keys: {', '.join(map(str, data))}"
+            elif isinstance(data, list):
+                have = f"indices 0..{len(data) - 1}"
+            else:
+                have = "it is a single value"
+            return f"{here} has no {part!r} ({have})"
+    return None
+
+
+def _open_mapping(parts: list[str]) -> bool:
+    """Keys whose last part may be new: model.kwargs.* and an augmentation's own arguments."""
+    return parts[:2] == ["model", "kwargs"] or parts[0] == "augment"
+
+
+def with_overrides(params: Params, overrides: dict[str, Any], *, where: str = "") -> Params:
+    """A copy of `params` with dotted train/model/augment keys set (`augment.train.0.p`).
+
+    Each changed section is validated again; an error names `where` (default: the key).
+    """
+    data = params.to_dict()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        label = where or key
+        if parts[0] not in TUNABLE_SECTIONS:
+            raise ValueError(f"{label}: only {', '.join(TUNABLE_SECTIONS)} keys can be overridden")
+        problem = _missing_key(data, parts)
+        if problem:
+            raise ValueError(f"{label}: {problem}")
+        target = data
+        for part in parts[:-1]:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[parts[-1]] = value
+        section = type(getattr(params, parts[0]))
+        try:
+            section.model_validate(data[parts[0]])
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join([parts[0], *(str(p) for p in first["loc"])])
+            raise ValueError(f"{label}: {value!r} is not allowed ({loc}: {first['msg']})") from None
+    sections = {key.split(".")[0] for key in overrides}
+    update = {name: type(getattr(params, name)).model_validate(data[name]) for name in sections}
+    return params.model_copy(update=update)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a strict section accepts at `loc` (empty where that is not a plain section)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = (
+            next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+            if isinstance(model, type) and issubclass(model, BaseModel)
+            else None
+        )
+        model = field.annotation if field else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [f.alias or n for n, f in model.model_fields.items()]
 
 
 def _format_error(err: ValidationError, path: Path) -> str:
@@ -354,7 +544,13 @@ def _format_error(err: ValidationError, path: Path) -> str:
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<top level>"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key (typo? see the defaults in src/imgcls/config.py)")
+            allowed = _allowed_keys(tuple(item["loc"]))
+            known = f"allowed: {', '.join(allowed)}; " if allowed else ""
+            lines.append(
+                f"  - {key}: unknown key (typo? {known}see the defaults in src/imgcls/config.py)"
+            )
+        elif item["type"] == "value_error":  # our validators' messages name their key already
+            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
         else:
             got = item.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
