@@ -22,7 +22,8 @@ from imgcls.export import (
 )
 from imgcls.models.bundle import ImageClassifier, load_bundle, save_bundle
 from imgcls.models.registry import create_model
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.run import SplitData, load_split_data
+from imgcls.training.train import train_model
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ from imgcls.training.imbalance import (
     loss_class_weights,
     sample_weights,
 )
-from imgcls.training.run import load_split_data, train_model
+from imgcls.training.run import load_split_data
+from imgcls.training.train import train_model
 
 RARE = "8"  # the digit made rare; often confused with 1, 3 and 9
 

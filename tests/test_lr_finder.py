@@ -22,7 +22,8 @@ from imgcls.training.lr_finder import (
     smooth,
     suggest,
 )
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.run import SplitData, load_split_data
+from imgcls.training.train import train_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -24,7 +24,8 @@ from imgcls.predict import (
     predict_paths,
     resolve_device,
 )
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.run import SplitData, load_split_data
+from imgcls.training.train import train_model
 
 
 def _train(root: Path, epochs: int = 2) -> tuple[Path, SplitData]:

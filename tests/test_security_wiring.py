@@ -22,7 +22,8 @@ from imgcls.errors import ImgclsError
 from imgcls.io import read_csv, write_csv
 from imgcls.models.bundle import load_bundle, save_bundle
 from imgcls.predict import load_predictor, predict_paths
-from imgcls.training.run import load_split_data, load_training_data, train_model
+from imgcls.training.run import load_split_data
+from imgcls.training.train import load_training_data, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,6 +33,11 @@ DEFAULT_THRESHOLD = 0.5
 _BETA = {"f1": 1.0, "f0.5": 0.5, "f2": 2.0, "balanced_accuracy": None}
 
 
+def safe_name(label: str) -> str:
+    """A class name usable inside a flat metric key (the one rule, train and evaluate alike)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
+
+
 class TaskError(ImgclsError):
     """The configured head does not fit the data (e.g. `binary` with three classes)."""
 
