@@ -263,7 +263,9 @@ def logger_main(fd: int) -> None:
         while not isinstance(message := conn.recv(), Close):
             _apply(run, message)
         conn.send(Done(run.not_logged))
-    except EOFError:  # the train process died without closing: don't leave the run RUNNING
+    # The train process died without closing (mid-message when killed while its sender wrote:
+    # OSError "end of file during message"): don't leave the run RUNNING.
+    except (EOFError, OSError):
         if run is not None:
             run.end("FAILED")  # a resumed training reopens it
 
