@@ -342,6 +342,13 @@ def test_a_resumed_training_reopens_its_run_and_logs_only_missing_epochs(
     experiment = client.get_run(run_id).info.experiment_id
     assert len(client.search_runs([experiment], "tags.`train.resumed_from_epoch` = '3'")) == 1
 
+    # a checkpoint written before the run id arrived: the run is found by the training's key
+    fourth = start_train_run(params, splits_csv=splits, reports_dir=tmp_path)
+    assert fourth is not None
+    assert fourth.begin(None, resume_key=first.key, resumed_from=4, history=rows) == first.key
+    finish_train_run(fourth, best_epoch=4, best_value=0.5, monitor="val_loss")
+    assert fourth.run_id == run_id and len(client.get_metric_history(run_id, "val_loss")) == 4
+
     # a run that cannot be reopened (another store, deleted): a new run gets the whole curve
     third = start_train_run(params, splits_csv=splits, reports_dir=tmp_path)
     assert third is not None

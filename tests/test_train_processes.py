@@ -85,12 +85,20 @@ def test_sigkilled_then_resumed_training_continues_the_same_mlflow_run(tmp_path:
 
     state = start_and_sigkill_after_first_checkpoint(tmp_path)
     assert 1 <= state["epoch"] < 4 and not state["complete"]
-    run_id = state["run_id"]  # the MLflow run travels in the checkpoint
+    # The run travels in the checkpoint: its key at once, its id once the logger had reported it.
     client = MlflowClient(uri)
+    tagged = f"tags.`imgcls.train_key` = '{state['run_key']}'"
     deadline = time.monotonic() + 60  # the logger sees the pipe close and marks the run FAILED
-    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+    runs: list = []
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("imgcls")
+        runs = client.search_runs([exp.experiment_id], tagged) if exp else []
+        if runs and runs[0].info.status != "RUNNING":
+            break
         time.sleep(0.2)
-    assert client.get_run(run_id).info.status == "FAILED"
+    (first,) = runs
+    run_id = first.info.run_id
+    assert first.info.status == "FAILED" and state["run_id"] in (None, run_id)
 
     resumed = run_train(tmp_path)
     assert resumed.returncode == 0, resumed.stderr

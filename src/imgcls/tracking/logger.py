@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -83,6 +84,7 @@ class RunProcess:
         self._error: str | None = None
         self._done: Done | None = None
         self._held: list[Call] | None = []  # calls made before `begin` (None once begun)
+        self.key: str | None = None  # set by `begin`
         self._closed = False
         self._lost: list[str] = []  # calls that never reached the logger
         self._outbox: queue.SimpleQueue[Open | Begin | Call | Close | None] = queue.SimpleQueue()
@@ -134,17 +136,26 @@ class RunProcess:
         self,
         resume_run_id: str | None = None,
         *,
+        resume_key: str | None = None,
         resumed_from: int = 0,
         history: Sequence[Mapping[str, float]] = (),
-    ) -> None:
-        """Create the run, or reopen `resume_run_id` and log the `history` rows it lacks."""
+    ) -> str:
+        """Create the run, or reopen the resumed training's and log the `history` rows it lacks.
+
+        The interrupted training's run is `resume_run_id`, else the run tagged `resume_key`
+        (its checkpoint may predate the run id's arrival). Returns this training's key (the
+        tag `imgcls.train_key`), known at once: a checkpoint stores it without waiting for the
+        (low-priority) logger to create the run.
+        """
         if self._held is None:
             raise RuntimeError("begin() was already called")
+        self.key = resume_key or uuid.uuid4().hex
         rows = [dict(row) for row in history]
-        self._outbox.put(Begin(resume_run_id, resumed_from, rows))
+        self._outbox.put(Begin(self.key, resume_run_id, resumed_from, rows))
         for call in self._held:
             self._outbox.put(call)
         self._held = None
+        return self.key
 
     def check(self) -> None:
         """Raise :class:`TrackingError` if the store or the run failed (no-op while pending)."""
@@ -162,6 +173,12 @@ class RunProcess:
             self._read(block=True)
         self.check()
         assert self._run_id is not None
+        return self._run_id
+
+    def known_run_id(self) -> str | None:
+        """The run id if the logger has reported it already (never waits)."""
+        if self._run_id is None and self._error is None and self._done is None:
+            self._read(block=False)
         return self._run_id
 
     @property
@@ -297,18 +314,20 @@ def _begin_run(client: Any, exp_id: str, opening: Open, begin: Begin) -> Any:
     resolved, reports_dir = opening.resolved, Path(opening.reports_dir)
     tags = {**pipeline_tags(Path(opening.splits_csv)), "model.name": resolved["model"]["name"]}
     run = None
-    if begin.resume_run_id:
+    resumed = begin.resumed_from > 0
+    if resumed:
         try:
-            run = Run.reopen(client, uri, begin.resume_run_id, exp_id)
+            run_id = begin.resume_run_id or _run_with_key(client, exp_id, begin.key)
+            run = Run.reopen(client, uri, run_id, exp_id)
         except Exception as err:  # another store, a deleted run: the curve goes to a new run
             log.warning(
-                "cannot reopen MLflow run %s of the interrupted training (%s: %s); logging "
+                "cannot reopen the MLflow run of the interrupted training (%s: %s); logging "
                 "every epoch to a new run instead",
-                begin.resume_run_id,
                 type(err).__name__,
                 (str(err).splitlines() or [""])[0][:200],
             )
     if run is None:
+        tags["imgcls.train_key"] = begin.key
         run = Run.create(client, uri, exp_id, run_name=opening.run_name, tags=tags)
         run.log_params(resolved)
         logged: set[int] = set()
@@ -328,6 +347,14 @@ def _begin_run(client: Any, exp_id: str, opening: Open, begin: Begin) -> Any:
         if step not in logged:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
     return run
+
+
+def _run_with_key(client: Any, exp_id: str, key: str) -> str:
+    """The id of the run tagged `imgcls.train_key = key` (ValueError if there is none)."""
+    runs = client.search_runs([exp_id], f"tags.`imgcls.train_key` = '{key}'", max_results=1)
+    if not key or not runs:
+        raise ValueError(f"no run tagged imgcls.train_key = {key!r}")
+    return runs[0].info.run_id
 
 
 def _log_new_params(run: Any, resolved: Mapping[str, Any]) -> None:

@@ -32,6 +32,7 @@ class Open:
 class Begin:
     """Create the run, or reopen the interrupted training's run and log the epochs it lacks."""
 
+    key: str = ""  # the training's own id (tag `imgcls.train_key`), known before the run exists
     resume_run_id: str | None = None
     resumed_from: int = 0  # epochs the checkpoint had done
     history: list[dict[str, float]] = field(default_factory=list)  # those epochs' rows

@@ -43,7 +43,8 @@ class TrainState:
     world_size: int
     config_hash: str  # data + params the state is valid for
     complete: bool  # the training finished (or stopped early): nothing to resume
-    run_id: str | None = None  # the MLflow run the epochs were logged to
+    run_id: str | None = None  # the MLflow run the epochs were logged to (once known)
+    run_key: str | None = None  # the training's key, tag `imgcls.train_key` of that run
 
     def save(self, path: Path | str) -> None:
         """Write atomically (a kill mid-write leaves the previous checkpoint whole)."""

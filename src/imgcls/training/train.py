@@ -146,9 +146,11 @@ def train_model(
     digest = config_hash(params, data.key)
     say = log.info if dist.is_main else _quiet
     resume = read_resume(checkpoint_path, digest, cfg.epochs, say)
+    run_key = None
     if run is not None:
-        run.begin(
+        run_key = run.begin(
             resume.run_id if resume else None,
+            resume_key=resume.run_key if resume else None,
             resumed_from=resume.epoch if resume else 0,
             history=resume.history if resume else (),
         )
@@ -161,7 +163,8 @@ def train_model(
         config_hash=digest,
         resume=resume,
         on_epoch_end=_EpochLog(run, on_epoch_end) if run or on_epoch_end else None,
-        run_id=(lambda: run.run_id) if run is not None else None,
+        run_key=run_key,
+        run_id=run.known_run_id if run is not None else None,
         progress=progress,
         dist=dist,
         classes=data.classes,

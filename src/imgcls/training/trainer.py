@@ -72,7 +72,10 @@ class FitConfig:
     config_hash: str = ""  # stored in the checkpoint: what it is valid for
     resume: TrainState | None = None  # from `checkpoint.read_resume`
     on_epoch_end: EpochCallback | None = None  # rank 0, after the epoch's checkpoint
-    run_id: Callable[[], str | None] | None = None  # the MLflow run, stored in checkpoints
+    # The MLflow run, stored in every checkpoint so that a resumed training continues it: its
+    # key at once, its id as soon as known (never waited for: the logger runs at low priority).
+    run_key: str | None = None
+    run_id: Callable[[], str | None] | None = None
     progress: bool = True
     dist: Dist = field(default_factory=Dist)
     classes: list[str] | None = None  # names of the label indices (per-class recall, weights)
@@ -395,6 +398,7 @@ def fit(
                     config_hash=cfg.config_hash,
                     complete=stop or epoch + 1 == tc.epochs,
                     run_id=cfg.run_id() if cfg.run_id else None,
+                    run_key=cfg.run_key,
                 ).save(cfg.checkpoint_path)
         if cfg.on_epoch_end is not None and dist.is_main:
             cfg.on_epoch_end(epoch + 1, row)
