@@ -110,9 +110,9 @@ def binary_at_half(root: Path) -> tuple[float, float]:
     """Test precision / recall of the positive class at 0.5 instead of the tuned threshold."""
     from sklearn.metrics import precision_score, recall_score
 
+    from imgcls.data.dataset import load_split_data
     from imgcls.evaluation.evaluate import predict_probs
     from imgcls.models.bundle import load_bundle
-    from imgcls.training.run import load_split_data
 
     clf, meta = load_bundle(root / "models/model.pt")
     data = load_split_data(

@@ -25,11 +25,12 @@ import torch
 from PIL import Image
 
 from imgcls.config import parse_params
+from imgcls.data.dataset import load_split_data
 from imgcls.data.sources import digits_images
 from imgcls.training.batches import epoch_permutation
 from imgcls.training.imbalance import sample_weights
 from imgcls.training.lr_finder import find_lr, format_lr
-from imgcls.training.run import load_split_data, train_model
+from imgcls.training.train import train_model
 
 RARE = "8"
 SETTINGS = {

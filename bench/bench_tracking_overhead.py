@@ -1,20 +1,21 @@
 """MLflow tracking overhead: train-stage wall time with tracking on vs off (issue target <= 2%).
 
-Run: .venv/bin/python bench/bench_tracking_overhead.py [--repeats 3] [--epochs 15]
+Run: .venv/bin/python bench/bench_tracking_overhead.py [--repeats 5] [--epochs 15]
 
 Builds a throw-away project (default params: sklearn digits, simple_cnn, 16 px), runs the data
 stages once with `dvc repro split`, then times `python pipeline/train.py` (exactly the command
-DVC runs) in fresh interpreters, interleaving three modes:
+DVC runs) in fresh interpreters, interleaving two modes:
 
   off          tracking.enabled: false
-  on           tracking on, SQLite store at the project root, tracking.log_model: false
-  on+model     tracking on, plus both logged models: `serving` (pyfunc for `mlflow models
-               serve`) and `model` (mlflow.pytorch.log_model: torch.export + MLflow packaging)
+  on           tracking on, SQLite store at the project root
+
+The train stage logs no model (issue 16: the evaluate stage logs both, once evaluated; its cost
+is measured with the evaluate stage).
 
 Every mode starts from the same state (checkpoint removed, the SQLite store already created by a
 warm-up run: its one-time schema creation is reported separately). Then, inside one process, the
-individual costs: importing mlflow, starting the run, one per-epoch `log_metrics` batch, the
-augmentation grid, and the two models. All of these but the probe run in the low-priority
+individual costs: importing mlflow, starting the run, one per-epoch `log_metrics` batch and the
+augmentation grid. All of these but the probe run in the low-priority
 MLflow logger process (`tracking.RunProcess`), overlapped with the train stage's imports,
 decoding and training; the table shows what they cost, the wall-time modes what is left of it.
 The last line is the verdict against the issue's target.
@@ -83,8 +84,7 @@ def set_params(
 
 MODES = {
     "off": {"enabled": False},
-    "on": {"enabled": True, "log_model": False},
-    "on+model": {"enabled": True, "log_model": True},
+    "on": {"enabled": True},
 }
 
 
@@ -107,18 +107,17 @@ out = {{"import mlflow": time.perf_counter() - t}}
 import numpy as np
 from imgcls.config import load_params
 from imgcls.data.augment import build_transform
-from imgcls.evaluation.gallery import augmentation_grid
-from imgcls.models.bundle import ImageClassifier
-from imgcls.models.registry import create_model
-from imgcls.tracking import Run, _prewarm_model_logging, start_pipeline_run
-from imgcls.training.run import load_split_data
+from imgcls.tracking import Run, start_train_run
+from imgcls.training.figures import augmentation_grid
+from imgcls.data.dataset import load_split_data
 params = load_params("params.yaml")
 data = load_split_data(Path("data/processed/splits.csv"), Path.cwd(), {size}, "auto",
                        Path("data/cache"), progress=False)
 t = time.perf_counter()
-bg = start_pipeline_run(params, splits_csv=Path("data/processed/splits.csv"),
-                        reports_dir=Path("reports"), device="cpu")
-out["start_pipeline_run: blocking part (probe + spawn logger)"] = time.perf_counter() - t
+bg = start_train_run(params, splits_csv=Path("data/processed/splits.csv"),
+                     reports_dir=Path("reports"), device="cpu")
+out["start_train_run: blocking part (probe + spawn logger)"] = time.perf_counter() - t
+bg.begin()
 run_id = bg.run_id
 out["  + logger process: import mlflow, create run, params, artifacts"] = (
     time.perf_counter() - t)
@@ -134,23 +133,6 @@ t = time.perf_counter()
 for epoch in range(1, {epochs} + 1):
     run.log_metrics(row, step=epoch)
 out["per-epoch log_metrics (mean of {epochs}; logger)"] = (time.perf_counter() - t) / {epochs}
-net = create_model("simple_cnn", in_chans=1, num_classes=10, image_size={size},
-                   **params.model.kwargs)
-clf = ImageClassifier(net.eval(), [0.5], [0.25]).eval()
-t = time.perf_counter()
-_prewarm_model_logging()
-out["prewarm model logging (logger, during training)"] = time.perf_counter() - t
-t = time.perf_counter()
-run.log_pytorch_model(clf, input_example=np.array(data.images[:2]), metadata={{"classes": []}})
-out["log_pytorch_model after prewarm (logger, after training)"] = time.perf_counter() - t
-from imgcls.models.bundle import save_bundle
-from imgcls.inference.serving import log_serving_model
-meta = {{"arch": "simple_cnn", "model_kwargs": params.model.kwargs, "classes": list(data.classes),
-        "image_size": {size}, "channels": 1, "mean": [0.5], "std": [0.25]}}
-save_bundle(Path("models/bench_model.pt"), net, meta)
-t = time.perf_counter()
-log_serving_model(Path("models/bench_model.pt"), run.run_id, run.uri)
-out["log_serving_model (logger)"] = time.perf_counter() - t
 run.end()
 assert not run.not_logged, run.not_logged
 print(json.dumps(out))
@@ -170,7 +152,7 @@ print(json.dumps(out))
 def main() -> None:
     """Build the project, time the modes interleaved, print a Markdown table."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=16, help="train.image_size (default 16)")
     ap.add_argument(
@@ -205,7 +187,7 @@ def main() -> None:
         med = statistics.median(values)
         print(f"| {mode} | {med:.2f} ({min(values):.2f}) | {100 * (med - off) / off:+.1f} % |")
     verdicts = []
-    for mode in ("on", "on+model"):
+    for mode in ("on",):
         pct = 100 * (statistics.median(times[mode]) - off) / off
         verdicts.append(f"{mode} {pct:+.1f} % ({'MET' if pct <= 2 else 'NOT met'})")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -38,8 +38,9 @@ from imgcls.config import TrainConfig, TransformSpec
 from imgcls.data.augment import build_transform
 from imgcls.data.dataset import channel_stats, decode_images
 from imgcls.models import create_model
-from imgcls.training.loop import Preprocess
-from imgcls.training.trainer import fit, make_runtime, select_device
+from imgcls.models.bundle import Preprocess
+from imgcls.training.setup import make_runtime, select_device
+from imgcls.training.trainer import FitConfig, fit
 
 
 def _write_chunk(args: tuple[str, int, int, int]) -> list[dict]:
@@ -127,11 +128,13 @@ def run_fit(name, images, labels, transform, cfg, in_chans, sampler) -> dict:
         (images, labels),
         (np.asarray(images[:256]), labels[:256]),
         10,
-        cfg,
-        seed=0,
-        train_transform=transform,
-        on_epoch_end=lambda e, row: stamps.append(time.monotonic()),
-        progress=False,
+        FitConfig(
+            cfg,
+            seed=0,
+            transform=transform,
+            on_epoch_end=lambda e, row: stamps.append(time.monotonic()),
+            progress=False,
+        ),
     )
     wall = time.perf_counter() - t0
     steady = [h["images_per_s"] for h in result.history[1:]] or [result.history[0]["images_per_s"]]

@@ -24,8 +24,8 @@ import torch
 from imgcls.config import TrainConfig
 from imgcls.data.dataset import channel_stats
 from imgcls.models import create_model
-from imgcls.training.loop import Preprocess
-from imgcls.training.trainer import fit
+from imgcls.models.bundle import Preprocess
+from imgcls.training.trainer import FitConfig, fit
 
 
 def make_data(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -101,10 +101,7 @@ def engine(args, x, y, vx, vy, workdir: Path) -> dict[str, float]:
         (x, y),
         (vx, vy),
         10,
-        cfg,
-        seed=0,
-        checkpoint_path=ckpt,
-        progress=False,
+        FitConfig(cfg, seed=0, checkpoint_path=ckpt, progress=False),
     )
     wall = time.perf_counter() - t
     rates = [h["images_per_s"] for h in result.history]

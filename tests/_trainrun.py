@@ -16,8 +16,18 @@ from _datasets import REPO, with_splits, write_pattern_dataset
 TIMING_COLUMNS = ["epoch_time_s", "images_per_s"]
 
 
-def train_project(root: Path, model: dict, train: dict, augment: list, per_class: int) -> None:
-    """A pattern dataset, its splits.csv and a params.yaml, laid out like a repository."""
+def train_project(
+    root: Path,
+    model: dict,
+    train: dict,
+    augment: list,
+    per_class: int,
+    tracking: dict | None = None,
+) -> None:
+    """A pattern dataset, its splits.csv and a params.yaml, laid out like a repository.
+
+    Tracking is off unless `tracking` (the params section, e.g. a `uri`) is given.
+    """
     df = with_splits(write_pattern_dataset(root, per_class=per_class))
     (root / "data/processed").mkdir(parents=True)
     df.to_csv(root / "data/processed/splits.csv", index=False)
@@ -25,21 +35,30 @@ def train_project(root: Path, model: dict, train: dict, augment: list, per_class
         "model": model,
         "augment": {"train": augment, "eval": []},
         "train": {"image_size": 16, "device": "cpu", "deterministic": True, **train},
-        "tracking": {"enabled": False},
+        "tracking": tracking or {"enabled": False},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def one_thread_env() -> dict[str, str]:
-    """One thread per process: deterministic and fast on a shared 2-core box."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """One thread per process: deterministic and fast on a shared 2-core box.
+
+    MLFLOW_TRACKING_URI is dropped: runs go where the project's params.yaml says.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_train(root: Path, *launcher: str) -> subprocess.CompletedProcess:
     """Run pipeline/train.py (optionally under a launcher such as torchrun) in `root`."""
+    return run_stage(root, "train", *launcher)
+
+
+def run_stage(root: Path, stage: str, *launcher: str) -> subprocess.CompletedProcess:
+    """Run pipeline/<stage>.py (optionally under a launcher such as torchrun) in `root`."""
     cmd = [*launcher] if launcher else [sys.executable]
     return subprocess.run(
-        [*cmd, str(REPO / "pipeline/train.py")],
+        [*cmd, str(REPO / f"pipeline/{stage}.py")],
         cwd=root,
         env=one_thread_env(),
         capture_output=True,

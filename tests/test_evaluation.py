@@ -23,6 +23,7 @@ from sklearn.metrics import (
 
 from _datasets import REPO
 from imgcls.config import EvaluateConfig, TrackingConfig, parse_params
+from imgcls.data.dataset import load_split_data
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.evaluate import (
     evaluate_data,
@@ -39,7 +40,6 @@ from imgcls.inference.logged import load_logged_model
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
 from imgcls.tracking import Run
-from imgcls.training.run import load_split_data
 
 
 def _predictions(k: int, n_per_class: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.config import EvaluateConfig
+from imgcls.data.dataset import load_split_data
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.evaluate import (
     build_report,
@@ -30,13 +31,7 @@ from imgcls.evaluation.evaluate import (
     summary_line,
 )
 from imgcls.evaluation.figures import plot_binary_pr_curve, plot_multilabel_confusion, pyplot
-from imgcls.evaluation.gallery import (
-    augmentation_grid,
-    confident_mistakes,
-    mistakes_table,
-    plot_mistakes,
-    row_names,
-)
+from imgcls.evaluation.gallery import confident_mistakes, mistakes_table, plot_mistakes
 from imgcls.evaluation.metrics import (
     binary_metrics,
     confusion_long_multilabel,
@@ -44,8 +39,8 @@ from imgcls.evaluation.metrics import (
 )
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
-from imgcls.task import label_sets, tune_threshold
-from imgcls.training.run import load_split_data
+from imgcls.task import label_sets, row_names, tune_threshold
+from imgcls.training.figures import augmentation_grid
 
 # ----------------------------------------------------------------------------- binary
 

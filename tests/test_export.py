@@ -11,6 +11,7 @@ import pytest
 from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
+from imgcls.data.dataset import SplitData, load_split_data
 from imgcls.inference.export import (
     ATOL,
     ExportError,
@@ -22,7 +23,7 @@ from imgcls.inference.export import (
 )
 from imgcls.models.bundle import ImageClassifier, load_bundle, save_bundle
 from imgcls.models.registry import create_model
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.train import train_model
 
 
 @pytest.fixture(scope="module")

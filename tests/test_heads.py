@@ -30,7 +30,7 @@ from imgcls.task import (
 )
 from imgcls.training.imbalance import ImbalanceError, SigmoidBCE, label_pos_weights
 from imgcls.training.loop import count_correct, cross_entropy_from_logits
-from imgcls.training.run import load_training_data, train_model
+from imgcls.training.train import load_training_data, train_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

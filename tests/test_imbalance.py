@@ -20,6 +20,7 @@ from _datasets import REPO, manifest_row, with_splits, write_pattern_dataset
 from _trainrun import run_train, train_history, train_project
 from imgcls.config import ConfigError, parse_params
 from imgcls.data.augment import build_transform
+from imgcls.data.dataset import load_split_data
 from imgcls.data.sources import digits_images
 from imgcls.models.bundle import load_bundle
 from imgcls.training.batches import epoch_permutation, make_batches, rank_batches, set_epoch
@@ -30,7 +31,7 @@ from imgcls.training.imbalance import (
     loss_class_weights,
     sample_weights,
 )
-from imgcls.training.run import load_split_data, train_model
+from imgcls.training.train import train_model
 
 RARE = "8"  # the digit made rare; often confused with 1, 3 and 9
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from imgcls.cli import main
 from imgcls.config import Params, parse_params
+from imgcls.data.dataset import SplitData, load_split_data
 from imgcls.training.lr_finder import (
     LrFindError,
     dvc_command,
@@ -22,7 +23,7 @@ from imgcls.training.lr_finder import (
     smooth,
     suggest,
 )
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.train import train_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -74,8 +74,8 @@ def test_pipeline_logs_to_a_real_server_and_reads_back(
     mlflow.set_tracking_uri(mlflow_server.url)
     model = mlflow.pyfunc.load_model(logged["model_uri"])
     assert model.metadata.metadata["classes"] == [str(d) for d in range(10)]
+    from imgcls.data.dataset import load_split_data
     from imgcls.models.bundle import load_bundle
-    from imgcls.training.run import load_split_data
 
     clf, meta = load_bundle(root / "models/model.pt")
     data = load_split_data(

@@ -14,6 +14,7 @@ from PIL import Image
 from _datasets import with_splits, write_pattern_dataset
 from imgcls.cli import main
 from imgcls.config import parse_params
+from imgcls.data.dataset import SplitData, load_split_data
 from imgcls.evaluation.evaluate import predict_probs
 from imgcls.inference.predict import (
     InputFile,
@@ -24,7 +25,7 @@ from imgcls.inference.predict import (
     resolve_device,
 )
 from imgcls.models.bundle import load_bundle, save_bundle
-from imgcls.training.run import SplitData, load_split_data, train_model
+from imgcls.training.train import train_model
 
 
 def _train(root: Path, epochs: int = 2) -> tuple[Path, SplitData]:

@@ -15,14 +15,14 @@ from PIL import Image
 
 from _datasets import with_splits, write_pattern_dataset
 from imgcls.config import DataConfig, Params, ValidateConfig, load_params, parse_params
-from imgcls.data.dataset import DecodeError, decode_images, npy_bytes
+from imgcls.data.dataset import DecodeError, decode_images, load_split_data, npy_bytes
 from imgcls.data.manifest import build_manifest
 from imgcls.data.validation import validate_manifest
 from imgcls.errors import ImgclsError
 from imgcls.inference.predict import load_predictor, predict_paths
 from imgcls.io import read_csv, write_csv
 from imgcls.models.bundle import load_bundle, save_bundle
-from imgcls.training.run import load_split_data, load_training_data, train_model
+from imgcls.training.train import load_training_data, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ from imgcls.tracking import (
     probe,
     resolve_uri,
     resume_run,
-    start_pipeline_run,
+    start_train_run,
 )
 
 
@@ -113,10 +113,11 @@ def test_pipeline_run_records_params_tags_and_config(
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
     params = parse_params({"train": {"lr": 0.01}, "tracking": {"uri": store}})
-    run = start_pipeline_run(
+    run = start_train_run(
         params, splits_csv=splits, reports_dir=repo / "reports", device="cpu", extra_dicts={}
     )
     assert run is not None
+    run.begin()
     for epoch in (1, 2):
         run.log_metrics({"train_loss": 1.0 / epoch, "val_f1_macro": 0.5 * epoch}, step=epoch)
     run.end()
@@ -137,7 +138,7 @@ def test_pipeline_run_records_params_tags_and_config(
 
 def test_tracking_disabled_starts_nothing(tmp_path: Path, store: str) -> None:
     params = parse_params({"tracking": {"enabled": False, "uri": "http://127.0.0.1:9"}})
-    run = start_pipeline_run(
+    run = start_train_run(
         params, splits_csv=tmp_path / "missing.csv", reports_dir=tmp_path, device="cpu"
     )
     assert run is None
@@ -255,7 +256,7 @@ def test_probe_is_cheap_and_fails_before_any_training(
     params = parse_params({"tracking": {"uri": uri}})
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match="tracking.enabled: false") as err:
-        start_pipeline_run(params, splits_csv=tmp_path / "s", reports_dir=tmp_path, device="cpu")
+        start_train_run(params, splits_csv=tmp_path / "s", reports_dir=tmp_path, device="cpu")
     # the probe answers before MLflow's retry loop (minutes) could start; 30 s is generous on
     # purpose, as a loaded 2-core machine can take seconds just to import and connect
     assert time.monotonic() - t0 < 30 and uri in str(err.value)
@@ -269,7 +270,7 @@ def test_a_start_failure_in_the_background_stops_training(
     params = parse_params({"tracking": {"uri": not_mlflow_server}})
     splits = tmp_path / "splits.csv"
     splits.write_text("path,label,split\n")
-    run = start_pipeline_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
+    run = start_train_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
     assert isinstance(run, RunProcess)  # the HTTP probe got an answer: started in background
     run.log_metrics({"train_loss": 1.0}, step=1)  # queued; never raises on the training thread
     with pytest.raises(TrackingError, match=not_mlflow_server):
@@ -279,55 +280,83 @@ def test_a_start_failure_in_the_background_stops_training(
     run.end("FAILED")  # nothing to end: must not raise
 
 
-def test_background_run_keeps_order_and_finish_logs_both_models(tmp_path: Path, store: str) -> None:
-    from imgcls.models.bundle import save_bundle
-    from imgcls.models.registry import create_model
-
+def test_background_run_keeps_order_and_logs_no_model(tmp_path: Path, store: str) -> None:
+    # models are logged by the evaluate stage, once evaluated: the train stage registers nothing
     params = parse_params({"tracking": {"uri": store, "register_model": "bg-digits"}})
     splits = tmp_path / "splits.csv"
     splits.write_text("path,label,split\n")
-    run = start_pipeline_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
+    run = start_train_run(params, splits_csv=splits, reports_dir=tmp_path, device="cpu")
     assert run is not None
-    for epoch in range(1, 6):
+    run.log_metrics({"val_loss": 1.0}, step=1)  # held until begin(): sent in order after it
+    run.begin()
+    for epoch in range(2, 6):
         run.log_metrics({"val_loss": 1.0 / epoch}, step=epoch)
-    meta = {
-        "arch": "simple_cnn",
-        "model_kwargs": {"widths": [8, 16]},
-        "classes": ["a", "b", "c"],
-        "image_size": 16,
-        "channels": 1,
-        "mean": [0.5],
-        "std": [0.25],
-    }
-    net = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[8, 16])
-    save_bundle(tmp_path / "model.pt", net, meta)
-    wait = finish_train_run(
-        run,
-        params,
-        best_epoch=5,
-        best_value=0.2,
-        input_example=np.zeros((2, 16, 16, 1), np.uint8),
-        metadata=meta,
-        model_path=tmp_path / "model.pt",
-    )
-    record = wait()
-    assert record["not_logged"] == [] and record["run_id"] == run.run_id
-    assert record["model_uri"].startswith("models:/") and record["serving_model_uri"]
+    record = finish_train_run(run, best_epoch=5, best_value=0.2, monitor="val_loss")
+    assert record == {"run_id": run.run_id, "tracking_uri": store, "not_logged": []}
     client = MlflowClient(store)
     got = client.get_run(run.run_id)
-    assert got.info.status == "RUNNING"  # evaluate logs into it and closes it
-    assert got.data.metrics["best_epoch"] == 5
+    assert got.info.status == "RUNNING"  # evaluate logs into it (models too) and closes it
+    assert got.data.metrics["best_epoch"] == 5 and got.data.metrics["best_val_loss"] == 0.2
     steps = [m.step for m in client.get_metric_history(run.run_id, "val_loss")]
     assert steps == [1, 2, 3, 4, 5]
-    (version,) = client.search_model_versions("name='bg-digits'")
-    assert version.run_id == run.run_id
-    # the registered version is the servable pyfunc, not the torch.export program
-    import mlflow
+    assert client.search_model_versions("name='bg-digits'") == []
+    assert client.list_artifacts(run.run_id, "model") == []
+    assert finish_train_run(None, best_epoch=1, best_value=0.0, monitor="val_loss") == {
+        "run_id": None,
+        "tracking_uri": None,
+        "not_logged": [],
+    }
 
-    mlflow.set_tracking_uri(store)
-    served = mlflow.pyfunc.load_model("models:/bg-digits/1")
-    rows = served.predict(np.zeros((1, 16, 16, 1), np.uint8))
-    assert set(rows[0]["probabilities"]) == {"a", "b", "c"}
+
+def test_a_resumed_training_reopens_its_run_and_logs_only_missing_epochs(
+    tmp_path: Path, store: str
+) -> None:
+    params = parse_params({"train": {"lr": 0.01}, "tracking": {"uri": store}})
+    splits = tmp_path / "splits.csv"
+    splits.write_text("path,label,split\n")
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 2.0 / e} for e in (1, 2, 3)]
+    first = start_train_run(params, splits_csv=splits, reports_dir=tmp_path)
+    assert first is not None
+    first.begin()
+    for row in rows[:2]:  # epoch 3 was checkpointed but the process died before logging it
+        first.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    first.end("FAILED")  # what the logger does when the train process is killed
+    run_id = first.run_id
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    # the resumed training: train.num_workers is outside the checkpoint's config hash
+    changed = parse_params({"train": {"lr": 0.01, "num_workers": 1}, "tracking": {"uri": store}})
+    second = start_train_run(changed, splits_csv=splits, reports_dir=tmp_path)
+    assert second is not None
+    second.begin(run_id, resumed_from=3, history=rows)
+    second.log_metrics({"train_loss": 0.25, "val_loss": 0.5}, step=4)
+    record = finish_train_run(second, best_epoch=4, best_value=0.5, monitor="val_loss")
+    assert record["run_id"] == run_id and record["not_logged"] == []
+    got = client.get_run(run_id)
+    assert got.info.status == "RUNNING"  # reopened: evaluate finishes it
+    assert got.data.tags["train.resumed_from_epoch"] == "3"
+    assert got.data.params["train.num_workers"] == "auto"  # MLflow params never change
+    history = client.get_metric_history(run_id, "val_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 2 / 3), (4, 0.5)]
+    experiment = client.get_run(run_id).info.experiment_id
+    assert len(client.search_runs([experiment], "tags.`train.resumed_from_epoch` = '3'")) == 1
+
+    # a checkpoint written before the run id arrived: the run is found by the training's key
+    fourth = start_train_run(params, splits_csv=splits, reports_dir=tmp_path)
+    assert fourth is not None
+    assert fourth.begin(None, resume_key=first.key, resumed_from=4, history=rows) == first.key
+    finish_train_run(fourth, best_epoch=4, best_value=0.5, monitor="val_loss")
+    assert fourth.run_id == run_id and len(client.get_metric_history(run_id, "val_loss")) == 4
+
+    # a run that cannot be reopened (another store, deleted): a new run gets the whole curve
+    third = start_train_run(params, splits_csv=splits, reports_dir=tmp_path)
+    assert third is not None
+    third.begin("0123456789abcdef0123456789abcdef", resumed_from=3, history=rows)
+    finish_train_run(third, best_epoch=3, best_value=2 / 3, monitor="val_loss")
+    assert third.run_id != run_id
+    steps = [m.step for m in client.get_metric_history(third.run_id, "train_loss")]
+    assert sorted(steps) == [1, 2, 3]
 
 
 def test_train_process_never_imports_mlflow_and_a_killed_one_leaves_the_run_failed(
@@ -341,9 +370,10 @@ def test_train_process_never_imports_mlflow_and_a_killed_one_leaves_the_run_fail
 import os, sys
 from pathlib import Path
 from imgcls.config import parse_params
-from imgcls.tracking import start_pipeline_run
+from imgcls.tracking import start_train_run
 params = parse_params({{"tracking": {{"uri": {store!r}, "log_model": False}}}})
-run = start_pipeline_run(params, splits_csv=Path({str(splits)!r}), reports_dir=Path("."))
+run = start_train_run(params, splits_csv=Path({str(splits)!r}), reports_dir=Path("."))
+run.begin()
 run.log_metrics({{"train_loss": 0.5}}, step=1)
 print(run.run_id, "mlflow" in sys.modules, flush=True)
 os._exit(3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,9 +12,36 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from _datasets import REPO
-from _trainrun import one_thread_env, run_train, train_history, train_metrics, train_project
+from _trainrun import (
+    one_thread_env,
+    run_stage,
+    run_train,
+    train_history,
+    train_metrics,
+    train_project,
+)
+
+
+def start_and_sigkill_after_first_checkpoint(root: Path) -> dict:
+    """Start pipeline/train.py in `root`, SIGKILL it right after epoch 1's checkpoint."""
+    ckpt = root / "models/checkpoints/last.pt"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pipeline/train.py")],
+        cwd=root,
+        env=one_thread_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # right after epoch 1's checkpoint: inside epoch 2
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return torch.load(ckpt, weights_only=True)
 
 
 # ~21 s on a loaded 2-core box (two real training processes of 240 images): over the
@@ -33,20 +61,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
     assert "no checkpoint at models/checkpoints/last.pt: starting fresh" in done.stderr
 
     ckpt = killed / "models/checkpoints/last.pt"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "pipeline/train.py")],
-        cwd=killed,
-        env=one_thread_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)  # right after epoch 1's checkpoint: inside epoch 2
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    state = torch.load(ckpt, weights_only=True)
+    state = start_and_sigkill_after_first_checkpoint(killed)
     assert 1 <= state["epoch"] < 4 and not state["complete"]
     assert not (killed / "models/model.pt").exists()  # the stage never got to write its outputs
     assert not list(ckpt.parent.glob(".*.tmp"))  # no half-written checkpoint left behind
@@ -58,6 +73,54 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
     )
     pd.testing.assert_frame_equal(train_history(killed), train_history(full), rtol=1e-6)
     assert train_metrics(killed) == pytest.approx(train_metrics(full), rel=1e-6)
+
+
+# ~40 s: two train processes and the evaluate stage, each starting an MLflow logger
+@pytest.mark.slow
+def test_sigkilled_then_resumed_training_continues_the_same_mlflow_run(tmp_path: Path) -> None:
+    model = {"name": "mlp", "kwargs": {"hidden": [32], "dropout": 0.0}}
+    train = {"epochs": 4, "batch_size": 16, "lr": 0.01}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_project(tmp_path, model, train, [], per_class=40, tracking={"uri": uri})
+
+    state = start_and_sigkill_after_first_checkpoint(tmp_path)
+    assert 1 <= state["epoch"] < 4 and not state["complete"]
+    # The run travels in the checkpoint: its key at once, its id once the logger had reported it.
+    client = MlflowClient(uri)
+    tagged = f"tags.`imgcls.train_key` = '{state['run_key']}'"
+    deadline = time.monotonic() + 60  # the logger sees the pipe close and marks the run FAILED
+    runs: list = []
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("imgcls")
+        runs = client.search_runs([exp.experiment_id], tagged) if exp else []
+        if runs and runs[0].info.status != "RUNNING":
+            break
+        time.sleep(0.2)
+    (first,) = runs
+    run_id = first.info.run_id
+    assert first.info.status == "FAILED" and state["run_id"] in (None, run_id)
+
+    resumed = run_train(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from models/checkpoints/last.pt: {state['epoch']} of 4" in resumed.stderr
+    info = json.loads((tmp_path / "models/run.json").read_text())
+    assert info["run_id"] == run_id and info["not_logged"] == []
+    assert client.get_run(run_id).info.status == "RUNNING"  # reopened; evaluate closes it
+    evaluated = run_stage(tmp_path, "evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr
+
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.tags["train.resumed_from_epoch"] == str(state["epoch"])
+    experiment = got.info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]  # one run
+    history = train_history(tmp_path)
+    for key in ("train_loss", "train_accuracy"):  # (evaluate logs its own val_* at step 0)
+        logged = client.get_metric_history(run_id, key)
+        assert [m.step for m in logged] == [1, 2, 3, 4], key  # every epoch, once
+        expected = history.set_index("epoch")[key]
+        assert [m.value for m in logged] == pytest.approx(expected.tolist(), rel=1e-6)
+    assert "test_accuracy" in got.data.metrics
 
 
 @pytest.mark.slow

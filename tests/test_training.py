@@ -8,13 +8,12 @@ import torch
 
 from imgcls.config import ConfigError, Params, TrainConfig, parse_params
 from imgcls.data.augment import AugmentError, build_transform
-from imgcls.data.dataset import DecodeError, decode_images
+from imgcls.data.dataset import DecodeError, decode_images, load_split_data
 from imgcls.io import read_csv
 from imgcls.models.bundle import load_bundle, save_bundle
 from imgcls.training.batches import epoch_permutation, make_batches, rank_batches, set_epoch
 from imgcls.training.ema import ModelEma
-from imgcls.training.run import load_split_data, train_model
-from imgcls.training.trainer import (
+from imgcls.training.setup import (
     TrainingError,
     make_optimizer,
     make_runtime,
@@ -22,6 +21,7 @@ from imgcls.training.trainer import (
     per_process_batch,
     select_device,
 )
+from imgcls.training.train import train_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -247,8 +247,8 @@ def _cmd_lr_find(args: argparse.Namespace) -> None:
     """LR range test on the train split: plot, suggestion, and the command to try it."""
     from imgcls.stage import setup_logging
     from imgcls.training import lr_finder
-    from imgcls.training.run import load_training_data
-    from imgcls.training.trainer import select_device
+    from imgcls.training.setup import select_device
+    from imgcls.training.train import load_training_data
 
     setup_logging()
     params = load_params(args.params)

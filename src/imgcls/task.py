@@ -33,6 +33,11 @@ DEFAULT_THRESHOLD = 0.5
 _BETA = {"f1": 1.0, "f0.5": 0.5, "f2": 2.0, "balanced_accuracy": None}
 
 
+def safe_name(label: str) -> str:
+    """A class name usable inside a flat metric key (the one rule, train and evaluate alike)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
+
+
 class TaskError(ImgclsError):
     """The configured head does not fit the data (e.g. `binary` with three classes)."""
 
@@ -208,3 +213,10 @@ def decided_labels(
     if task == "multilabel":
         return [(labels, None) for labels in label_sets(decisions, classes)]
     return [(str(classes[k]), float(p[k])) for k, p in zip(decisions, probs, strict=True)]
+
+
+def row_names(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """Each row's class name, or its label set ("a|b", "(none)") for (N, K) multi-hot labels."""
+    if np.ndim(labels) == 2:
+        return [name or "(none)" for name in label_sets(labels, classes)]
+    return [classes[i] for i in labels]

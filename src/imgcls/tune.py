@@ -268,7 +268,7 @@ class _DataCache:
         self._loaded: dict[str, Any] = {}
 
     def get(self, params: Params) -> Any:
-        from imgcls.training.run import load_training_data
+        from imgcls.training.train import load_training_data
 
         cfg = params.train
         key = json.dumps(
@@ -292,7 +292,7 @@ def make_objective(params: Params, job: _Job, data: _DataCache) -> Callable[[opt
     import optuna
 
     from imgcls.training.loop import NonFiniteLossError
-    from imgcls.training.run import train_model
+    from imgcls.training.train import train_model
     from imgcls.training.trainer import TrainingError
 
     metric, _ = metric_and_direction(params)

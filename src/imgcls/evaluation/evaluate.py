@@ -18,6 +18,7 @@ import torch
 from sklearn.metrics import precision_recall_curve
 
 from imgcls.config import EvaluateConfig
+from imgcls.data.dataset import SplitData
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.figures import (
     plot_binary_pr_curve,
@@ -37,7 +38,6 @@ from imgcls.evaluation.metrics import (
 )
 from imgcls.models.bundle import ImageClassifier
 from imgcls.task import TASKS, Task, decide
-from imgcls.training.run import SplitData
 
 
 @dataclass

@@ -24,12 +24,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from imgcls.task import decide
-
-
-def safe_name(label: str) -> str:
-    """A class name usable inside a flat metric key."""
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(label))
+from imgcls.task import decide, safe_name
 
 
 def _averages(

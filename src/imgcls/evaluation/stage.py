@@ -14,15 +14,15 @@ from typing import Any
 
 from imgcls import tracking
 from imgcls.config import Params
+
+# TODO(issue 16 merge): import from imgcls.data.dataset once SplitData moves there.
+from imgcls.data.dataset import SplitData, load_split_data
 from imgcls.evaluation.evaluate import Report, evaluate_data, headline_metrics, mlflow_metrics
 from imgcls.evaluation.figures import pyplot
 from imgcls.inference import publish
 from imgcls.io import atomic_path, write_csv, write_json
 from imgcls.models.bundle import limits_of, load_bundle
 from imgcls.task import task_of
-
-# TODO(issue 16 merge): import from imgcls.data.dataset once SplitData moves there.
-from imgcls.training.run import SplitData, load_split_data
 
 
 @dataclass(frozen=True)

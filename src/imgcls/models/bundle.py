@@ -2,10 +2,14 @@
 
 The file is a dict of tensors and plain data, loaded with `torch.load(weights_only=True)`: a
 model file from anywhere (a registry, a colleague) can hold no code that runs when it loads.
+:func:`save_weights` / :func:`load_weights` are the atomic, weights-only file I/O that training
+checkpoints use too.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,10 +19,44 @@ import torch
 from torch import nn
 
 from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS
+from imgcls.io import atomic_path
 from imgcls.models.registry import ModelError, create_model
 from imgcls.task import Task, output_units, probs_from_logits, task_of
-from imgcls.training import checkpoint
-from imgcls.training.loop import Preprocess
+
+
+def save_weights(path: Path | str, payload: dict[str, Any]) -> None:
+    """Serialise in memory, check the free space, write a temp file, then rename over `path`.
+
+    Serialising first tells how many bytes are needed before a byte is written, and a full disk
+    then fails in plain file I/O (one DiskFullError) rather than inside torch's C++ writer.
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    with atomic_path(path, needed=len(data)) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())  # delayed allocation may report ENOSPC only here
+
+
+def load_weights(path: Path | str) -> dict[str, Any]:
+    """Load a model or checkpoint file safely (weights-only: no pickled code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Preprocess(nn.Module):
+    """uint8 (B, C, H, W) -> float normalised with the training set's per-channel mean / std."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
+        self.register_buffer(
+            "shift", torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> (B, C, H, W) float32."""
+        return x.float() * self.scale - self.shift
 
 
 class ImageClassifier(nn.Module):
@@ -77,13 +115,13 @@ def save_bundle(path: Path | str, net: nn.Module, meta: dict[str, Any]) -> None:
     """
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     meta = {**meta, "limits": limits_of(meta)}
-    checkpoint.save(path, {"format": "imgcls-model/1", "state_dict": state, "meta": meta})
+    save_weights(path, {"format": "imgcls-model/1", "state_dict": state, "meta": meta})
 
 
 def _read_payload(path: Path) -> dict[str, Any]:
     """The file's dict, unpickled weights-only: anything else is refused, never run."""
     try:
-        payload = checkpoint.load(path)
+        payload = load_weights(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         first = (str(err).splitlines() or [""])[0][:200]
         raise ModelError(

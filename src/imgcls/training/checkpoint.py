@@ -1,37 +1,89 @@
-"""Atomic checkpoints and the model file: always written whole, always loaded with weights_only."""
+"""The resume state (`models/checkpoints/last.pt`): what a killed training needs to go on exactly.
+
+Written atomically and loaded weights-only (:func:`imgcls.models.bundle.save_weights`). Besides
+the model, optimiser and RNG states it carries the MLflow run id, so that a resumed training
+continues the same run.
+"""
 
 from __future__ import annotations
 
-import io
-import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from imgcls.io import atomic_path
+from imgcls.models.bundle import load_weights, save_weights
+
+# The file I/O, under the names the rest of the project (and its tests) use for checkpoints.
+save = save_weights
+load = load_weights
 
 
-def save(path: Path | str, payload: dict[str, Any]) -> None:
-    """Serialise in memory, check the free space, write a temp file, then rename over `path`.
+@dataclass
+class TrainState:
+    """Everything one epoch's checkpoint holds (the file is this dataclass as a plain dict)."""
 
-    Serialising first tells how many bytes are needed before a byte is written, and a full disk
-    then fails in plain file I/O (one DiskFullError) rather than inside torch's C++ writer.
-    """
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    data = buf.getbuffer()
-    with atomic_path(path, needed=len(data)) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())  # delayed allocation may report ENOSPC only here
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    ema: dict[str, Any] | None
+    epoch: int  # epochs done
+    history: list[dict[str, float]]  # one row per epoch done
+    best_value: float
+    best_epoch: int
+    best_state: dict[str, Any]
+    patience_left: int | None
+    rng: dict[str, Any]  # rank 0's RNG states
+    rng_per_rank: list[dict[str, Any]] | None
+    world_size: int
+    config_hash: str  # data + params the state is valid for
+    complete: bool  # the training finished (or stopped early): nothing to resume
+    run_id: str | None = None  # the MLflow run the epochs were logged to (once known)
+    run_key: str | None = None  # the training's key, tag `imgcls.train_key` of that run
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically (a kill mid-write leaves the previous checkpoint whole)."""
+        # Shallow on purpose: `asdict` would deep-copy every tensor of the state once more.
+        save_weights(path, {f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainState:
+        """From a loaded file (keys it lacks, written before they existed, get their defaults)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """Load a checkpoint or model file safely (no pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_resume(
+    path: Path | None, config_hash: str, epochs: int, say: Callable[..., None]
+) -> TrainState | None:
+    """The checkpoint to resume from, or None; either way the log says which and why."""
+    if path is None:
+        return None
+    if not path.is_file():
+        say("no checkpoint at %s: starting fresh", path)
+        return None
+    try:
+        state = TrainState.from_dict(load_weights(path))
+    except Exception as err:  # a foreign or damaged file must not block a fresh start
+        say("checkpoint %s is unreadable (%s): starting fresh", path, type(err).__name__)
+        return None
+    if state.config_hash != config_hash:
+        say(
+            "checkpoint %s was written for other data or params (model / augment / train / seed):"
+            " starting fresh",
+            path,
+        )
+        return None
+    if state.complete or state.epoch >= epochs:
+        say("checkpoint %s is from a finished run: starting fresh", path)
+        return None
+    say("resuming from %s: %d of %d epochs already done", path, state.epoch, epochs)
+    return state
 
 
 def rng_state() -> dict[str, Any]:

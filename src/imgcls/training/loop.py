@@ -13,22 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from imgcls.models.bundle import Preprocess
 from imgcls.training.distributed import all_reduce_sum
-
-
-class Preprocess(nn.Module):
-    """uint8 (B, C, H, W) -> float normalised with the training set's per-channel mean / std."""
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
-        self.register_buffer(
-            "shift", torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 -> (B, C, H, W) float32."""
-        return x.float() * self.scale - self.shift
 
 
 class NonFiniteLossError(RuntimeError):

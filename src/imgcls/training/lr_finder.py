@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from imgcls.config import Params
 from imgcls.data.augment import build_transform
-from imgcls.data.dataset import channel_stats
+from imgcls.data.dataset import SplitData, channel_stats
 from imgcls.errors import ImgclsError
 from imgcls.io import atomic_path
 from imgcls.training import checkpoint
 from imgcls.training.batches import auto_workers, make_batches, set_epoch
 from imgcls.training.loop import Preprocess, Runtime, backward_and_step
-from imgcls.training.run import SplitData, build_model
-from imgcls.training.trainer import (
+from imgcls.training.setup import (
+    build_model,
     imbalance_setup,
     make_loss,
     make_optimizer,

@@ -1,11 +1,16 @@
-"""`fit`: epochs, validation, best-epoch selection, early stopping, checkpoints and resume."""
+"""`fit`: the epoch loop (train, validate, best epoch, early stopping, checkpoint, resume).
+
+Everything it is set up with (device, optimiser, scheduler, loss, imbalance) comes from
+:mod:`imgcls.training.setup`; reading the checkpoint to resume is the caller's
+(:func:`imgcls.training.checkpoint.read_resume`), so that the caller knows before the first
+epoch whether, and from which MLflow run, the training goes on.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,29 +25,30 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from imgcls.config import TrainConfig
-from imgcls.errors import ImgclsError
-from imgcls.evaluation.metrics import safe_name  # evaluate's per-class key rule
-from imgcls.task import Task, output_units
-from imgcls.training import checkpoint, distributed
+from imgcls.models.bundle import Preprocess
+from imgcls.task import Task, output_units, safe_name
+from imgcls.training import checkpoint
 from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
+from imgcls.training.checkpoint import TrainState
 from imgcls.training.distributed import Dist, gather_objects, gather_rows
 from imgcls.training.ema import ModelEma
-from imgcls.training.imbalance import (
-    ImbalanceError,
-    SigmoidBCE,
-    WeightedCrossEntropy,
-    describe_weights,
-    label_pos_weights,
-    loss_class_weights,
-    sample_weights,
-)
+from imgcls.training.imbalance import describe_weights
 from imgcls.training.loop import (
     NonFiniteLossError,
-    Preprocess,
     Runtime,
     cross_entropy_from_logits,
     predict_logits,
     train_one_epoch,
+)
+from imgcls.training.setup import (
+    TrainingError,
+    imbalance_setup,
+    make_loss,
+    make_optimizer,
+    make_runtime,
+    make_scheduler,
+    per_process_batch,
+    select_device,
 )
 
 log = logging.getLogger("imgcls.train")
@@ -54,112 +60,26 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 PER_CLASS_MAX = 50
 
 
-class TrainingError(ImgclsError):
-    """Training could not go on (non-finite loss, bad device request, ...)."""
+@dataclass
+class FitConfig:
+    """How :func:`fit` trains, besides the model and the data."""
 
-
-def select_device(pref: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit request that cannot be met is an error."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            "train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"
-        )
-    if pref == "mps" and not has_mps:
-        raise TrainingError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
-    return torch.device(pref)
-
-
-def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
-    """Autocast dtype and memory format for the device and `train.precision`."""
-    dtype = None
-    if device.type == "cuda":
-        wanted = "bf16" if cfg.precision == "auto" else cfg.precision
-        if wanted == "bf16" and not torch.cuda.is_bf16_supported():
-            wanted = "fp16"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    elif cfg.precision == "bf16":
-        dtype = torch.bfloat16  # CPU autocast: pays off on CPUs with AMX / AVX-512 BF16
-    elif cfg.precision == "fp16":
-        raise TrainingError(
-            f"train.precision fp16 needs a CUDA GPU (device is {device.type}); "
-            "use bf16 or fp32 (auto)"
-        )
-    # NHWC pays off on CUDA, and on CPU only with bf16 (oneDNN's AMX kernels want it).
-    nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
-    return Runtime(device=device, autocast_dtype=dtype, channels_last=cfg.channels_last and nhwc)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or Nesterov SGD; no weight decay on biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def make_loss(
-    cfg: TrainConfig, class_weights: np.ndarray | None = None, task: Task = "multiclass"
-) -> nn.Module:
-    """The task's loss, optionally class-weighted and label-smoothed (the one place that maps).
-
-    multiclass: softmax cross-entropy; binary: BCE on the single logit (`class_weights` (2,)
-    per image); multilabel: BCE per label (`class_weights` (K,) are positive weights).
-    """
-    weight = None if class_weights is None else torch.as_tensor(class_weights).float()
-    if task == "binary":
-        return SigmoidBCE(weight=weight, label_smoothing=cfg.label_smoothing)
-    if task == "multilabel":
-        return SigmoidBCE(pos_weight=weight, label_smoothing=cfg.label_smoothing)
-    if weight is None:
-        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return WeightedCrossEntropy(weight, label_smoothing=cfg.label_smoothing)
-
-
-def imbalance_setup(
-    cfg: TrainConfig, labels: np.ndarray, names: list[str], task: Task
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Loss weights and per-image draw probabilities for `train.class_weights` / `sampler`."""
-    if task == "multilabel":
-        if cfg.sampler == "balanced":
-            raise ImbalanceError(
-                "train.sampler: balanced draws every class equally often, but multi-label "
-                "images belong to several labels; use train.sampler: shuffle with "
-                "train.class_weights: balanced (per-label positive weights) instead"
-            )
-        return label_pos_weights(cfg.class_weights, labels, names), None
-    weights = loss_class_weights(cfg.class_weights, labels, names)
-    probs = sample_weights(labels, len(names)) if cfg.sampler == "balanced" else None
-    return weights, probs
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: cosine / constant with linear warmup, one-cycle, or step decay."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.scheduler == "step":
-            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    train: TrainConfig
+    seed: int
+    device: torch.device | None = None  # None: `train.device` (already set up by the caller)
+    transform: Any = None  # albumentations train augmentation
+    checkpoint_path: Path | None = None  # written after every epoch (rank 0)
+    config_hash: str = ""  # stored in the checkpoint: what it is valid for
+    resume: TrainState | None = None  # from `checkpoint.read_resume`
+    on_epoch_end: EpochCallback | None = None  # rank 0, after the epoch's checkpoint
+    # The MLflow run, stored in every checkpoint so that a resumed training continues it: its
+    # key at once, its id as soon as known (never waited for: the logger runs at low priority).
+    run_key: str | None = None
+    run_id: Callable[[], str | None] | None = None
+    progress: bool = True
+    dist: Dist = field(default_factory=Dist)
+    classes: list[str] | None = None  # names of the label indices (per-class recall, weights)
+    task: Task = "multiclass"
 
 
 def classification_scores(
@@ -232,105 +152,49 @@ def _better(value: float, best: float, monitor: str) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
-def per_process_batch(batch_size: int, world: int) -> int:
-    """`train.batch_size` is the global batch: split it evenly over the processes."""
-    if batch_size % world:
-        raise TrainingError(
-            f"train.batch_size {batch_size} is the global batch and must divide evenly over "
-            f"{world} processes; use a multiple of {world}"
-        )
-    return batch_size // world
-
-
 @dataclass
-class _Resume:
-    """What a usable checkpoint restores."""
+class _Parts:
+    """What one training is made of (built once by :func:`_build`)."""
 
-    epoch: int
-    state: dict[str, Any]
-
-
-def _read_checkpoint(
-    path: Path | None, config_hash: str, epochs: int, say: Callable[..., None]
-) -> _Resume | None:
-    """The checkpoint to resume from, or None; either way the log says which and why."""
-    if path is None:
-        return None
-    if not path.is_file():
-        say("no checkpoint at %s: starting fresh", path)
-        return None
-    try:
-        state = checkpoint.load(path)
-    except Exception as err:  # a foreign or damaged file must not block a fresh start
-        say("checkpoint %s is unreadable (%s): starting fresh", path, type(err).__name__)
-        return None
-    if state.get("config_hash") != config_hash:
-        say(
-            "checkpoint %s was written for other data or params (model / augment / train / seed):"
-            " starting fresh",
-            path,
-        )
-        return None
-    if state.get("complete") or state["epoch"] >= epochs:
-        say("checkpoint %s is from a finished run: starting fresh", path)
-        return None
-    say("resuming from %s: %d of %d epochs already done", path, state["epoch"], epochs)
-    return _Resume(int(state["epoch"]), state)
+    rt: Runtime
+    train_batches: Any
+    val_batches: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    ema: ModelEma | None
+    train_net: nn.Module
+    eval_net: nn.Module
+    class_weights: np.ndarray | None
 
 
-def fit(
+def _build(
     model: nn.Module,
     prep: Preprocess,
     train_data: tuple[np.ndarray, np.ndarray],
     val_data: tuple[np.ndarray, np.ndarray],
-    num_classes: int,
-    cfg: TrainConfig,
-    *,
-    seed: int,
-    train_transform: Any = None,
-    checkpoint_path: Path | None = None,
-    config_hash: str = "",
-    on_epoch_end: EpochCallback | None = None,
-    progress: bool = True,
-    dist: Dist | None = None,
-    classes: list[str] | None = None,
-    task: Task = "multiclass",
-) -> FitResult:
-    """Train `model`, validating every epoch; resume a checkpoint of the same config.
-
-    With several processes (`dist`), every rank trains on its share of each global batch under
-    DDP, validation predictions are gathered so that every rank computes the same metrics (and
-    takes the same early-stopping decision), and only rank 0 logs and writes the checkpoint.
-    `classes` (names of the label indices) enables `train.class_weights` given as a mapping and
-    the per-class validation recall in each epoch row. `task` picks the loss and the scores
-    (imgcls.task): labels are (N,) class indices, or (N, K) multi-hot for multilabel.
-    """
-    dist = dist or Dist()
-    device = distributed.setup(dist, select_device(cfg.device))
-    rt = make_runtime(cfg, device)
-    if device.type == "cpu" and cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
-    if device.type == "cuda":
-        # cuDNN autotuning picks the fastest kernels for our fixed input size; TF32 speeds up
-        # whatever still runs in fp32. Both are off when bit-for-bit repeatability is asked for.
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.set_float32_matmul_precision("highest" if cfg.deterministic else "high")
-    say = log.info if dist.is_main else _quiet
+    names: list[str],
+    cfg: FitConfig,
+    device: torch.device,
+) -> _Parts:
+    """Runtime, batches, optimiser, scheduler, loss, EMA and the (DDP / compiled) network."""
+    tc, dist = cfg.train, cfg.dist
+    rt = make_runtime(tc, device)
     model.to(device)
     prep.to(device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    workers = cfg.num_workers
+    workers = tc.num_workers
     if workers == "auto":
         workers = auto_workers(device, dist.world_size)
-    names = classes or [str(i) for i in range(num_classes)]
     # From the full train labels, which every rank holds: identical weights on every rank.
-    class_weights, sample_probs = imbalance_setup(cfg, train_data[1], names, task)
-    if class_weights is not None or sample_probs is not None:
-        say(
+    class_weights, sample_probs = imbalance_setup(tc, train_data[1], names, cfg.task)
+    if dist.is_main and (class_weights is not None or sample_probs is not None):
+        log.info(
             "imbalance: class_weights %s, sampler %s",
             describe_weights(class_weights, names),
-            cfg.sampler,
+            tc.sampler,
         )
     if class_weights is not None and sample_probs is not None and dist.is_main:
         log.warning(
@@ -339,8 +203,8 @@ def fit(
         )
     train_batches = make_batches(
         *train_data,
-        train_transform,
-        per_process_batch(cfg.batch_size, dist.world_size),
+        cfg.transform,
+        per_process_batch(tc.batch_size, dist.world_size),
         shuffle=True,
         device=device,
         num_workers=workers,
@@ -353,16 +217,15 @@ def fit(
         np.asarray(val_data[0])[rows],
         np.asarray(val_data[1])[rows],
         None,
-        cfg.batch_size,
+        tc.batch_size,
         shuffle=False,
         device=device,
         num_workers=0,
     )
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(train_batches))
+    optimizer = make_optimizer(model, tc)
+    scheduler = make_scheduler(optimizer, tc, len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
-    loss_fn = make_loss(cfg, class_weights, task).to(device)
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = ModelEma(model, tc.ema_decay) if tc.ema_decay else None
     train_net: nn.Module = model
     if dist.enabled:
         # 1-channel convs give gradients whose strides DDP's buckets do not expect: harmless.
@@ -370,64 +233,98 @@ def fit(
         train_net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if cfg.compile:
+    if tc.compile:
         train_net = torch.compile(train_net)
     # Validation runs on the plain model (DDP would try to sync buffers) or on the EMA copy.
     eval_net: nn.Module = ema.module if ema else train_net if not dist.enabled else model
+    return _Parts(
+        rt,
+        train_batches,
+        val_batches,
+        optimizer,
+        scheduler,
+        scaler,
+        make_loss(tc, class_weights, cfg.task).to(device),
+        ema,
+        train_net,
+        eval_net,
+        class_weights,
+    )
+
+
+def _restore(model: nn.Module, parts: _Parts, state: TrainState, dist: Dist) -> None:
+    """Load a checkpoint's model, optimiser, scheduler, scaler, EMA and RNG states."""
+    model.load_state_dict(state.model)
+    parts.optimizer.load_state_dict(state.optimizer)
+    parts.scheduler.load_state_dict(state.scheduler)
+    if parts.scaler is not None and state.scaler:
+        parts.scaler.load_state_dict(state.scaler)
+    if parts.ema is not None and state.ema:
+        parts.ema.load_state_dict(state.ema)
+    per_rank = state.rng_per_rank or []
+    checkpoint.set_rng_state(per_rank[dist.rank] if len(per_rank) == dist.world_size else state.rng)
+
+
+def fit(
+    model: nn.Module,
+    prep: Preprocess,
+    train_data: tuple[np.ndarray, np.ndarray],
+    val_data: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    cfg: FitConfig,
+) -> FitResult:
+    """Train `model`, validating every epoch; go on from `cfg.resume` if given.
+
+    With several processes (`cfg.dist`), every rank trains on its share of each global batch
+    under DDP, validation predictions are gathered so that every rank computes the same metrics
+    (and takes the same early-stopping decision), and only rank 0 logs and writes the
+    checkpoint. `cfg.task` picks the loss and the scores (imgcls.task): labels are (N,) class
+    indices, or (N, K) multi-hot for multilabel.
+    """
+    tc, dist = cfg.train, cfg.dist
+    device = cfg.device or select_device(tc.device)
+    say = log.info if dist.is_main else _quiet
+    names = cfg.classes or [str(i) for i in range(num_classes)]
+    parts = _build(model, prep, train_data, val_data, names, cfg, device)
     # Host-side NaN checks stall the GPU's queue, so CUDA checks every few steps.
     check_every = 25 if device.type == "cuda" else 1
-    monitor = cfg.monitor.removeprefix("val_")
-    minimise = cfg.monitor.endswith("loss")
+    monitor = tc.monitor.removeprefix("val_")
+    minimise = tc.monitor.endswith("loss")
     best_value = math.inf if minimise else -math.inf
     best_epoch, start_epoch, history = 0, 0, []
     best_state = copy.deepcopy(model.state_dict())
+    patience_left = tc.early_stopping_patience
+    if cfg.resume is not None:
+        state = cfg.resume
+        _restore(model, parts, state, dist)
+        start_epoch, history = state.epoch, state.history
+        best_value, best_epoch, best_state = state.best_value, state.best_epoch, state.best_state
+        patience_left = state.patience_left
 
-    patience_left = cfg.early_stopping_patience
-    resume = _read_checkpoint(checkpoint_path, config_hash, cfg.epochs, say)
-    if resume is not None:
-        state = resume.state
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
-        start_epoch, history = resume.epoch, state["history"]
-        best_value, best_epoch, best_state = (
-            state["best_value"],
-            state["best_epoch"],
-            state["best_state"],
-        )
-        patience_left = state.get("patience_left", patience_left)
-        per_rank = state.get("rng_per_rank") or []
-        checkpoint.set_rng_state(
-            per_rank[dist.rank] if len(per_rank) == dist.world_size else state["rng"]
-        )
-
+    ema = parts.ema
     stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(train_batches, seed, epoch)
+    for epoch in range(start_epoch, tc.epochs):
+        set_epoch(parts.train_batches, cfg.seed, epoch)
         bar = tqdm(
             total=math.ceil(len(train_data[1]) / dist.world_size),  # this rank's images
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
             unit="img",
-            disable=None if progress and dist.is_main else True,
+            disable=None if cfg.progress and dist.is_main else True,
             leave=False,
             dynamic_ncols=True,
         )
-        lr = optimizer.param_groups[0]["lr"]
+        lr = parts.optimizer.param_groups[0]["lr"]
         try:
             stats = train_one_epoch(
-                train_net,
+                parts.train_net,
                 prep,
-                train_batches,
-                optimizer,
-                scheduler,
-                loss_fn,
-                rt,
-                grad_clip=cfg.grad_clip,
-                scaler=scaler,
+                parts.train_batches,
+                parts.optimizer,
+                parts.scheduler,
+                parts.loss_fn,
+                parts.rt,
+                grad_clip=tc.grad_clip,
+                scaler=parts.scaler,
                 on_step=(lambda: ema.update(model)) if ema else None,
                 progress=bar,
                 check_every=check_every,
@@ -435,22 +332,17 @@ def fit(
         except NonFiniteLossError as err:
             raise TrainingError(
                 f"training stopped in epoch {epoch + 1}: {err}. "
-                f"Try a lower train.lr (now {cfg.lr:g})"
+                f"Try a lower train.lr (now {tc.lr:g})"
                 " or set train.grad_clip; the last good checkpoint is kept"
             ) from None
         finally:
             bar.close()
-        val_logits, val_labels = predict_logits(eval_net, prep, val_batches, rt)
+        val_logits, val_labels = predict_logits(parts.eval_net, prep, parts.val_batches, parts.rt)
         if len(val_labels) == 0:
-            val_logits = np.zeros((0, output_units(task, num_classes)), np.float32)
+            val_logits = np.zeros((0, output_units(cfg.task, num_classes)), np.float32)
         val_logits, val_labels = gather_rows(val_logits), gather_rows(val_labels)
-        val = classification_scores(
-            val_logits,
-            val_labels,
-            num_classes,
-            names if num_classes <= PER_CLASS_MAX else None,
-            task,
-        )
+        per_class = names if num_classes <= PER_CLASS_MAX else None
+        val = classification_scores(val_logits, val_labels, num_classes, per_class, cfg.task)
         row = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -462,65 +354,67 @@ def fit(
         }
         history.append(row)
         value = val.get(monitor, -stats.loss if not minimise else stats.loss)
-        improved = _better(value, best_value, cfg.monitor)
+        improved = _better(value, best_value, tc.monitor)
         if improved:
             best_value, best_epoch = value, epoch + 1
             best_state = copy.deepcopy((ema.module if ema else model).state_dict())
-            patience_left = cfg.early_stopping_patience
+            patience_left = tc.early_stopping_patience
         elif patience_left is not None:
             patience_left -= 1
         say(
             "epoch %d/%d  train_loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %s %.4f%s"
             "  %.0f img/s  %.1fs",
             epoch + 1,
-            cfg.epochs,
+            tc.epochs,
             stats.loss,
             stats.accuracy,
             val.get("loss", math.nan),
             val.get("accuracy", math.nan),
-            cfg.monitor,
+            tc.monitor,
             value,
             " *" if improved else "",
             stats.images_per_s,
             stats.seconds,
         )
         stop = patience_left is not None and patience_left <= 0
-        if checkpoint_path is not None:
+        if cfg.checkpoint_path is not None:
             rng_per_rank = gather_objects(checkpoint.rng_state())  # collective: every rank
             if dist.is_main:
-                checkpoint.save(
-                    checkpoint_path,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None,
-                        "ema": ema.state_dict() if ema else None,
-                        "epoch": epoch + 1,
-                        "history": history,
-                        "best_value": best_value,
-                        "best_epoch": best_epoch,
-                        "best_state": best_state,
-                        "patience_left": patience_left,
-                        "rng": rng_per_rank[0],
-                        "rng_per_rank": rng_per_rank if dist.enabled else None,
-                        "world_size": dist.world_size,
-                        "config_hash": config_hash,
-                        "complete": stop or epoch + 1 == cfg.epochs,
-                    },
-                )
-        if on_epoch_end is not None and dist.is_main:
-            on_epoch_end(epoch + 1, row)
+                TrainState(
+                    model=model.state_dict(),
+                    optimizer=parts.optimizer.state_dict(),
+                    scheduler=parts.scheduler.state_dict(),
+                    scaler=parts.scaler.state_dict() if parts.scaler else None,
+                    ema=ema.state_dict() if ema else None,
+                    epoch=epoch + 1,
+                    history=history,
+                    best_value=best_value,
+                    best_epoch=best_epoch,
+                    best_state=best_state,
+                    patience_left=patience_left,
+                    rng=rng_per_rank[0],
+                    rng_per_rank=rng_per_rank if dist.enabled else None,
+                    world_size=dist.world_size,
+                    config_hash=cfg.config_hash,
+                    complete=stop or epoch + 1 == tc.epochs,
+                    run_id=cfg.run_id() if cfg.run_id else None,
+                    run_key=cfg.run_key,
+                ).save(cfg.checkpoint_path)
+        if cfg.on_epoch_end is not None and dist.is_main:
+            cfg.on_epoch_end(epoch + 1, row)
         if stop:
             say(
                 "early stopping: %s did not improve for %d epochs",
-                cfg.monitor,
-                cfg.early_stopping_patience,
+                tc.monitor,
+                tc.early_stopping_patience,
             )
             stopped_early = True
             break
     model.load_state_dict(best_state)
-    extra = {"class_weights": describe_weights(class_weights, names), "sampler": cfg.sampler}
+    extra = {
+        "class_weights": describe_weights(parts.class_weights, names),
+        "sampler": tc.sampler,
+    }
     return FitResult(
         model, history, best_epoch, float(best_value), stopped_early, start_epoch, extra
     )
@@ -528,18 +422,3 @@ def fit(
 
 def _quiet(*_: Any) -> None:
     """Logger stand-in for ranks other than 0."""
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed every RNG; optionally ask torch for deterministic kernels."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS is only repeatable with a fixed workspace; must be set before CUDA starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    # Set both ways: a process may train twice (tests, notebooks) with different settings.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -1,45 +1,63 @@
-"""Everything the train stage does between reading `splits.csv` and writing `models/model.pt`."""
+"""Training as a library: seeds, distributed setup and transforms once, then `fit`.
+
+:func:`train_model` builds the configured model and fits it; the train stage
+(:mod:`imgcls.training.stage`) wraps it with the MLflow run and the output files.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 import imgcls
 from imgcls.config import Params
 from imgcls.data.augment import build_transform
-
-# SplitData / load_split_data live in imgcls.data.dataset; re-exported here for existing callers.
-from imgcls.data.dataset import SplitData, channel_stats, read_splits
-from imgcls.data.dataset import load_split_data as load_split_data
-from imgcls.data.dataset import split_data as _split_data
+from imgcls.data.dataset import SplitData, channel_stats, load_split_data, read_splits
 from imgcls.errors import ImgclsError
-from imgcls.models.registry import create_model
+from imgcls.models.bundle import Preprocess
 from imgcls.task import (
     label_classes,
     order_classes,
-    output_units,
     probs_numpy,
     resolve_task,
     tune_thresholds,
 )
+from imgcls.tracking import RunProcess
 from imgcls.training import distributed
 from imgcls.training.batches import make_batches
+from imgcls.training.checkpoint import read_resume
 from imgcls.training.distributed import Dist
-from imgcls.training.loop import Preprocess, Runtime, predict_logits
-from imgcls.training.trainer import (
-    EpochCallback,
-    FitResult,
-    fit,
-    seed_everything,
-    select_device,
-)
+from imgcls.training.loop import Runtime, predict_logits
+from imgcls.training.setup import build_model, configure_backend, seed_everything, select_device
+from imgcls.training.trainer import EpochCallback, FitConfig, FitResult, fit
+
+log = logging.getLogger("imgcls.train")
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """Where this process trains and with what augmentation: built once per training."""
+
+    dist: Dist
+    device: torch.device
+    transform: Any  # augment.train as an albumentations Compose
+
+    @classmethod
+    def create(cls, params: Params, dist: Dist | None = None) -> TrainContext:
+        """Join the process group (torchrun) and build the transforms (a bad entry fails here)."""
+        dist = dist or Dist()
+        device = distributed.setup(dist, select_device(params.train.device))
+        build_transform(params.augment.eval, "augment.eval")  # fail before training, not after
+        return cls(dist, device, build_transform(params.augment.train, "augment.train"))
 
 
 def load_training_data(
@@ -49,23 +67,20 @@ def load_training_data(
 
     Every image is held to `data.max_image_pixels`, the limit ingest checked it against.
     """
-    frame = read_splits(splits_csv)
+    labels = read_splits(splits_csv)["label"]
     multi = params.data.multi_label
-    found = label_classes(frame["label"], "multilabel" if multi else "multiclass")
+    found = label_classes(labels, "multilabel" if multi else "multiclass")
     task = resolve_task(params.model.head, multi, found)
-    classes = order_classes(found, task, params.model.positive_class)
-    cfg = params.train
-    return _split_data(
-        frame,
+    return load_split_data(
         splits_csv,
         root,
-        cfg.image_size,
-        cfg.channels,
+        params.train.image_size,
+        params.train.channels,
         cache_dir,
-        classes,
-        task,
-        progress,
-        params.data.max_image_pixels,
+        classes=order_classes(found, task, params.model.positive_class),
+        task=task,
+        progress=progress,
+        max_pixels=params.data.max_image_pixels,
     )
 
 
@@ -81,17 +96,19 @@ def config_hash(params: Params, data_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_model(params: Params, data: SplitData) -> nn.Module:
-    """The configured architecture for this data's channels and classes (fresh weights)."""
-    return create_model(
-        params.model.name,
-        in_chans=data.channels,
-        num_classes=output_units(data.task, len(data.classes)),
-        image_size=params.train.image_size,
-        pretrained=params.model.pretrained,
-        pretrained_path=params.model.pretrained_path,
-        **params.model.kwargs,
-    )
+@dataclass
+class _EpochLog:
+    """Each epoch's row to the MLflow run (which must have started), then the caller's hook."""
+
+    run: RunProcess | None
+    then: EpochCallback | None
+
+    def __call__(self, epoch: int, row: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.check()  # a run that could not be created stops training at the first epoch
+            self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if self.then is not None:
+            self.then(epoch, row)
 
 
 def train_model(
@@ -101,43 +118,59 @@ def train_model(
     checkpoint_path: Path | None,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
-    dist: Dist | None = None,
+    ctx: TrainContext | None = None,
+    run: RunProcess | None = None,
 ) -> tuple[FitResult, dict[str, Any]]:
     """Build the configured model and fit it on the train split, validating on val.
 
-    With several processes (`dist`, from torchrun) every rank calls this; only rank 0 logs,
-    calls `on_epoch_end` and writes the checkpoint.
+    Resumes `checkpoint_path` when it holds an unfinished training of the same data and params;
+    `run` (the train stage's MLflow run, rank 0) is then begun as the checkpoint's run, so one
+    run holds every epoch. With several processes (`ctx.dist`, from torchrun) every rank calls
+    this; only rank 0 logs, calls `on_epoch_end` and writes the checkpoint.
     """
     cfg = params.train
-    dist = dist or Dist()
+    ctx = ctx or TrainContext.create(params)
+    dist = ctx.dist
+    configure_backend(cfg, ctx.device)
     seed_everything(params.base.seed, cfg.deterministic)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("val")
     if len(train_y) == 0:
         raise ImgclsError("the train split is empty; check split fractions in params.yaml")
     mean, std = channel_stats(train_x)
-    distributed.setup(dist, select_device(cfg.device))
     with distributed.main_first(dist):  # one download into the hub cache, not one per rank
         net = build_model(params, data)
     if dist.rank:  # same initial weights on every rank, but each draws its own dropout masks
         seed_everything(params.base.seed + dist.rank, cfg.deterministic)
-    transform = build_transform(params.augment.train, "augment.train")
-    result = fit(
-        net,
-        Preprocess(mean, std),
-        (train_x, train_y),
-        (val_x, val_y),
-        len(data.classes),
-        cfg,
+    digest = config_hash(params, data.key)
+    say = log.info if dist.is_main else _quiet
+    resume = read_resume(checkpoint_path, digest, cfg.epochs, say)
+    run_key = None
+    if run is not None:
+        run_key = run.begin(
+            resume.run_id if resume else None,
+            resume_key=resume.run_key if resume else None,
+            resumed_from=resume.epoch if resume else 0,
+            history=resume.history if resume else (),
+        )
+    fit_cfg = FitConfig(
+        train=cfg,
         seed=params.base.seed,
-        train_transform=transform,
+        device=ctx.device,
+        transform=ctx.transform,
         checkpoint_path=checkpoint_path,
-        config_hash=config_hash(params, data.key),
-        on_epoch_end=on_epoch_end,
+        config_hash=digest,
+        resume=resume,
+        on_epoch_end=_EpochLog(run, on_epoch_end) if run or on_epoch_end else None,
+        run_key=run_key,
+        run_id=run.known_run_id if run is not None else None,
         progress=progress,
         dist=dist,
         classes=data.classes,
         task=data.task,
+    )
+    result = fit(
+        net, Preprocess(mean, std), (train_x, train_y), (val_x, val_y), len(data.classes), fit_cfg
     )
     thresholds = None
     if data.task != "multiclass":
@@ -167,6 +200,10 @@ def train_model(
         "limits": {"max_image_pixels": params.data.max_image_pixels},
     }
     return result, meta
+
+
+def _quiet(*_: Any) -> None:
+    """Logger stand-in for ranks other than 0."""
 
 
 def val_thresholds(

@@ -1,0 +1,182 @@
+"""What a training is set up with: device, runtime, optimiser, scheduler, loss, imbalance, seeds."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls.config import Params, TrainConfig
+from imgcls.data.dataset import SplitData
+from imgcls.errors import ImgclsError
+from imgcls.models.registry import create_model
+from imgcls.task import Task, output_units
+from imgcls.training.imbalance import (
+    ImbalanceError,
+    SigmoidBCE,
+    WeightedCrossEntropy,
+    label_pos_weights,
+    loss_class_weights,
+    sample_weights,
+)
+from imgcls.training.loop import Runtime
+
+
+class TrainingError(ImgclsError):
+    """Training could not go on (non-finite loss, bad device request, ...)."""
+
+
+def select_device(pref: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit request that cannot be met is an error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(
+            "train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"
+        )
+    if pref == "mps" and not has_mps:
+        raise TrainingError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(pref)
+
+
+def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
+    """CPU threads, cuDNN autotuning and TF32 for this device (process-wide torch settings)."""
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    if device.type == "cuda":
+        # cuDNN autotuning picks the fastest kernels for our fixed input size; TF32 speeds up
+        # whatever still runs in fp32. Both are off when bit-for-bit repeatability is asked for.
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.set_float32_matmul_precision("highest" if cfg.deterministic else "high")
+
+
+def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
+    """Autocast dtype and memory format for the device and `train.precision`."""
+    dtype = None
+    if device.type == "cuda":
+        wanted = "bf16" if cfg.precision == "auto" else cfg.precision
+        if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+            wanted = "fp16"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
+    elif cfg.precision == "bf16":
+        dtype = torch.bfloat16  # CPU autocast: pays off on CPUs with AMX / AVX-512 BF16
+    elif cfg.precision == "fp16":
+        raise TrainingError(
+            f"train.precision fp16 needs a CUDA GPU (device is {device.type}); "
+            "use bf16 or fp32 (auto)"
+        )
+    # NHWC pays off on CUDA, and on CPU only with bf16 (oneDNN's AMX kernels want it).
+    nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=cfg.channels_last and nhwc)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; no weight decay on biases and norm parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_loss(
+    cfg: TrainConfig, class_weights: np.ndarray | None = None, task: Task = "multiclass"
+) -> nn.Module:
+    """The task's loss, optionally class-weighted and label-smoothed (the one place that maps).
+
+    multiclass: softmax cross-entropy; binary: BCE on the single logit (`class_weights` (2,)
+    per image); multilabel: BCE per label (`class_weights` (K,) are positive weights).
+    """
+    weight = None if class_weights is None else torch.as_tensor(class_weights).float()
+    if task == "binary":
+        return SigmoidBCE(weight=weight, label_smoothing=cfg.label_smoothing)
+    if task == "multilabel":
+        return SigmoidBCE(pos_weight=weight, label_smoothing=cfg.label_smoothing)
+    if weight is None:
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return WeightedCrossEntropy(weight, label_smoothing=cfg.label_smoothing)
+
+
+def imbalance_setup(
+    cfg: TrainConfig, labels: np.ndarray, names: list[str], task: Task
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Loss weights and per-image draw probabilities for `train.class_weights` / `sampler`."""
+    if task == "multilabel":
+        if cfg.sampler == "balanced":
+            raise ImbalanceError(
+                "train.sampler: balanced draws every class equally often, but multi-label "
+                "images belong to several labels; use train.sampler: shuffle with "
+                "train.class_weights: balanced (per-label positive weights) instead"
+            )
+        return label_pos_weights(cfg.class_weights, labels, names), None
+    weights = loss_class_weights(cfg.class_weights, labels, names)
+    probs = sample_weights(labels, len(names)) if cfg.sampler == "balanced" else None
+    return weights, probs
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: cosine / constant with linear warmup, one-cycle, or step decay."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.scheduler == "step":
+            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def per_process_batch(batch_size: int, world: int) -> int:
+    """`train.batch_size` is the global batch: split it evenly over the processes."""
+    if batch_size % world:
+        raise TrainingError(
+            f"train.batch_size {batch_size} is the global batch and must divide evenly over "
+            f"{world} processes; use a multiple of {world}"
+        )
+    return batch_size // world
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed every RNG; optionally ask torch for deterministic kernels."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS is only repeatable with a fixed workspace; must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    # Set both ways: a process may train twice (tests, notebooks) with different settings.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def build_model(params: Params, data: SplitData) -> nn.Module:
+    """The configured architecture for this data's channels and classes (fresh weights)."""
+    return create_model(
+        params.model.name,
+        in_chans=data.channels,
+        num_classes=output_units(data.task, len(data.classes)),
+        image_size=params.train.image_size,
+        pretrained=params.model.pretrained,
+        pretrained_path=params.model.pretrained_path,
+        **params.model.kwargs,
+    )
