@@ -33,13 +33,14 @@ from imgcls.evaluation.evaluate import (
     summary_line,
 )
 from imgcls.evaluation.figures import plot_confusion, plot_pr_curves, pyplot, short
-from imgcls.evaluation.gallery import augmentation_grid, confident_mistakes, plot_mistakes
+from imgcls.evaluation.gallery import confident_mistakes, plot_mistakes
 from imgcls.evaluation.metrics import classification_metrics, confusion, confusion_long
 from imgcls.evaluation.stage import EvaluatePaths, run_evaluate_stage
 from imgcls.inference.logged import load_logged_model
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
 from imgcls.tracking import Run
+from imgcls.training.figures import augmentation_grid
 
 
 def _predictions(k: int, n_per_class: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
