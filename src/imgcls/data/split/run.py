@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.config import Params
-from imgcls.data.near_duplicates import contact_sheet
+from imgcls.data.sheets import contact_sheet
 from imgcls.data.split.assignment import assign_splits
 from imgcls.data.split.common import SPLITS
 from imgcls.data.split.markdown import excluded_strips, render_split_markdown

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgcls.data.near_duplicates import contact_sheet
+from imgcls.data.sheets import contact_sheet
 from imgcls.data.validation.contract import validate_manifest
 from imgcls.data.validation.markdown import merged_group_strips, render_markdown
 from imgcls.io import read_csv, write_csv, write_json, write_text
