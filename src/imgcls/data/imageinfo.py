@@ -6,19 +6,33 @@ limit checked from the header before a single pixel is decoded. `inspect_image` 
 and describes it: digest, size, mode, format, perceptual hash, error. `write_png_chunk` writes
 generated images (digits, IDX) as PNG files. This module is what the worker processes import,
 so it stays light (Pillow, numpy, stdlib): no pandas, no torch.
+
+A path may also name a member of a tar shard, `<shard>.tar/<member>` (the form Python's
+zipimport uses for zip files): a path component cannot be a regular file and a folder at once,
+so such a path never collides with a real file. :func:`split_member` recognises it and the
+images are read in place, with `os.pread` at offsets indexed once per shard per process
+(docs/data-sources.md, "Tar shards").
 Every decode failure becomes a short `error` reason instead of an exception, so one bad file can
 never stop ingest; the validate stage decides what to do with it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import re
+import stat
+import tarfile
+import threading
 import warnings
+import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +73,160 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+# ----------------------------------------------------------------------------- tar shards
+
+SHARD_SUFFIX = ".tar"  # only plain tar: a compressed stream has no offsets to seek to
+MAX_OPEN_SHARDS = 64  # file descriptors kept open per process (least recently used closed)
+_SHARD_IN_PATH = re.compile(r"\.tar[/\\]", re.IGNORECASE)
+
+
+def member_name(name: str) -> str:
+    """A tar member's name as manifest paths spell it: POSIX, no `./` or empty components."""
+    return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def split_member(path: Path | str) -> tuple[str, str] | None:
+    """(shard file, member name) if `path` is `<shard>.tar/<member>` with a real shard file."""
+    text = os.fspath(path)
+    for found in _SHARD_IN_PATH.finditer(text):  # a folder may be called x.tar: try each
+        shard, member = text[: found.start() + 4], text[found.end() :]
+        if member and os.path.isfile(shard):
+            return shard, member_name(member)
+    return None
+
+
+@dataclass
+class _Shard:
+    """One open shard: its descriptor, identity when opened, and member -> (offset, size)."""
+
+    fd: int
+    ident: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
+    members: dict[str, tuple[int, int] | None]  # None: the name occurs twice (ambiguous)
+
+    def __post_init__(self) -> None:
+        # Closed when nothing uses it any more (not when evicted): a member view still reading
+        # an evicted or replaced shard must never pread a reused descriptor number.
+        weakref.finalize(self, os.close, self.fd)
+
+
+_SHARDS: OrderedDict[str, _Shard] = OrderedDict()
+_SHARDS_LOCK = threading.Lock()
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _index_shard(fd: int, shard: str) -> dict[str, tuple[int, int] | None]:
+    """Member name -> (data offset, size) of every regular, non-sparse member (headers only)."""
+    members: dict[str, tuple[int, int] | None] = {}
+    with os.fdopen(os.dup(fd), "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+        for m in tf:
+            if not m.isreg() or m.sparse is not None:  # links, folders, devices are never read
+                continue
+            name = member_name(m.name)
+            members[name] = None if name in members else (m.offset_data, m.size)
+        tf.members = []  # the index above is all we keep
+    return members
+
+
+def _shard(shard: str) -> _Shard:
+    """The open, indexed shard (opened and indexed again when the file was replaced)."""
+    st = os.stat(shard)
+    with _SHARDS_LOCK:
+        held = _SHARDS.get(shard)
+        if held is not None and held.ident == _ident(st):
+            _SHARDS.move_to_end(shard)
+            return held
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"{shard}: not a regular file")
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        members = _index_shard(fd, shard)
+        ident = _ident(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    new = _Shard(fd, ident, members)
+    with _SHARDS_LOCK:
+        _SHARDS.pop(shard, None)
+        _SHARDS[shard] = new
+        while len(_SHARDS) > MAX_OPEN_SHARDS:
+            _SHARDS.popitem(last=False)
+    return new
+
+
+def member_location(shard: str, member: str) -> tuple[_Shard, int, int]:
+    """(open shard, offset, size) of a member; FileNotFoundError naming shard and member."""
+    held = _shard(shard)
+    where = held.members.get(member, ())
+    if where is None:
+        raise FileNotFoundError(
+            errno.ENOENT, f"shard {shard} holds member {member!r} twice; it is ambiguous"
+        )
+    if not where:
+        raise FileNotFoundError(errno.ENOENT, f"shard {shard} has no regular member {member!r}")
+    return held, where[0], where[1]
+
+
+def _pread(held: _Shard, size: int, offset: int, what: str) -> bytes:
+    """`size` bytes at `offset` (thread- and fork-safe: no shared file position)."""
+    data = os.pread(held.fd, size, offset)
+    if len(data) < size:
+        raise EOFError(f"{what}: truncated (the shard ends inside the member)")
+    return data
+
+
+class _MemberFile(io.RawIOBase):
+    """A read-only, seekable view of one member's bytes (for members too big to hold)."""
+
+    def __init__(self, held: _Shard, offset: int, size: int, what: str) -> None:
+        super().__init__()
+        self._held, self._start, self._size, self._what, self._pos = held, offset, size, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n:
+            data = _pread(self._held, n, self._start + self._pos, self._what)
+            buffer[:n] = data
+            self._pos += n
+        return n
+
+
+def member_size(path: Path | str) -> int:
+    """Size in bytes of the member `<shard>.tar/<member>` names."""
+    found = split_member(path)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"{path}: not a member of a .tar shard")
+    return member_location(*found)[2]
+
+
+def open_member(path: Path | str, max_in_memory: int | None = None) -> IO[bytes]:
+    """The bytes of the member `path` names: in memory up to `max_in_memory`, else a view."""
+    found = split_member(path)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"{path}: not a member of a .tar shard")
+    held, offset, size = member_location(*found)
+    what = f"member {found[1]!r} of shard {found[0]}"
+    if size <= (IN_MEMORY_MAX if max_in_memory is None else max_in_memory):
+        return io.BytesIO(_pread(held, size, offset, what))
+    return io.BufferedReader(_MemberFile(held, offset, size, what), HASH_CHUNK)
+
+
 @lru_cache(maxsize=1)
 def _dct_matrix(n: int = 32) -> np.ndarray:
     """Orthonormal DCT-II matrix, so that `D @ X @ D.T` is the 2-D DCT of an n x n block."""
@@ -91,9 +259,15 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
 def open_image(source: Path | str | IO[bytes], max_pixels: int) -> Iterator[Image.Image]:
     """Open an image of an allowed format whose header is within `max_pixels`; nothing decoded.
 
-    Raises UnidentifiedImageError (not an image, or a format outside `IMAGE_FORMATS`),
-    :class:`ImageTooLarge` (from the header, before any pixel is decoded) or OSError.
+    `source` may name a member of a tar shard (`<shard>.tar/<member>`, :func:`split_member`);
+    it is read in place. Raises UnidentifiedImageError (not an image, or a format outside
+    `IMAGE_FORMATS`), :class:`ImageTooLarge` (from the header, before any pixel is decoded)
+    or OSError.
     """
+    if isinstance(source, str | Path) and split_member(source) is not None:
+        with open_member(source) as member, open_image(member, max_pixels) as img:
+            yield img
+        return
     # Pillow's own checks (at open, and per GIF frame / TIFF tile while decoding) use this
     # process-wide limit; it is set to ours so that raising `max_image_pixels` past Pillow's
     # default works, and lowering it is enforced by Pillow's internal checks too.
@@ -212,7 +386,7 @@ def _reason(err: BaseException) -> str:
     return f"cannot decode ({type(err).__name__})"
 
 
-def _decode(source: Path | io.BytesIO, max_pixels: int) -> dict[str, Any]:
+def _decode(source: Path | IO[bytes], max_pixels: int) -> dict[str, Any]:
     """Open, fully decode and EXIF-orient an image; return its visible properties."""
     with open_image(source, max_pixels) as im:
         fmt = im.format or ""
@@ -228,19 +402,33 @@ def _decode(source: Path | io.BytesIO, max_pixels: int) -> dict[str, Any]:
         }
 
 
+def _read_source(path: Path) -> tuple[int, str, Path | IO[bytes]]:
+    """(size, sha256, what to decode) of a file or a shard member; raises OSError."""
+    if split_member(path) is not None:
+        with open_member(path, max_in_memory=IN_MEMORY_MAX) as fh:
+            if isinstance(fh, io.BytesIO):
+                data = fh.getvalue()
+                return len(data), hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+            digest = hashlib.sha256()
+            while chunk := fh.read(HASH_CHUNK):
+                digest.update(chunk)
+        return member_size(path), digest.hexdigest(), path
+    size = path.stat().st_size
+    if size <= IN_MEMORY_MAX:  # one read serves both the digest and the decoder
+        data = path.read_bytes()
+        return size, hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+    return size, sha256_file(path), path
+
+
 def inspect_image(path: Path | str, max_pixels: int) -> dict[str, Any]:
-    """Describe one file: sha256 plus image properties, or an `error` reason; never raises."""
+    """Describe one file (or tar shard member): sha256 plus image properties, or an `error`."""
     path = Path(path)
     out: dict[str, Any] = {"sha256": "", **_UNDECODED, "error": ""}
-    source: Path | io.BytesIO = path
     try:
-        size = path.stat().st_size
-        if size <= IN_MEMORY_MAX:  # one read serves both the digest and the decoder
-            data = path.read_bytes()
-            out["sha256"] = hashlib.sha256(data).hexdigest()
-            source = io.BytesIO(data)
-        else:
-            out["sha256"] = sha256_file(path)
+        size, out["sha256"], source = _read_source(path)
+    except EOFError:
+        out["error"] = "truncated"
+        return out
     except OSError as err:
         out["error"] = "missing file" if isinstance(err, FileNotFoundError) else _reason(err)
         return out

@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgcls.config import DataConfig, GroupConfig
-from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
+from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image, split_member
 from imgcls.data.schema import MANIFEST_COLUMNS  # re-exported: the manifest's columns
 from imgcls.data.sources import FoundFile, materialise_all, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
@@ -159,7 +159,9 @@ def _relative(path: str, root: str) -> str:
 
 
 def _stat_key(path: str) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a file, or None if it cannot be stat'ed."""
+    """(size, mtime_ns) of a file (of its shard, for a tar member), or None if not stat'able."""
+    if member := split_member(path):
+        path = member[0]  # a changed shard re-inspects its members; an unchanged one, none
     try:
         st = os.stat(path)
     except OSError:
