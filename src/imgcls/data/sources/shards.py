@@ -265,32 +265,51 @@ def split_key(member: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower()
 
 
+def _label_text(shard: Path, tf: tarfile.TarFile, m: Member) -> str:
+    """The stripped text of a `<key>.cls` member (bounded: it holds one class)."""
+    fh = tf.extractfile(m.ref)  # type: ignore[arg-type]
+    data = fh.read(MAX_LABEL_BYTES + 1) if fh else b""
+    if len(data) > MAX_LABEL_BYTES:
+        raise SourceError(
+            f"{shard}: label member {m.name!r} is over {MAX_LABEL_BYTES} bytes; a .cls member "
+            "holds one class name or index"
+        )
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def _sort_members(
+    shard: Path, tf: tarfile.TarFile, exts: frozenset[str], max_bytes: int, skipped: Counter[str]
+) -> tuple[list[Sample], dict[str, str]]:
+    """The checked members of an open shard as image samples and `.cls` label texts."""
+    samples: list[Sample] = []
+    classes: dict[str, str] = {}
+    for m in _members(shard, tf, max_bytes):
+        member = m.name  # normalised as imageinfo.member_name does: the reader finds it
+        if not all(visible(part) for part in member.split("/")):
+            continue  # `._0001.jpg`, `__MACOSX/`: archive-tool droppings
+        key, ext = split_key(member)
+        suffix = posixpath.splitext(member)[1].lower()
+        if ext == LABEL_EXT:
+            classes[key] = _label_text(shard, tf, m)
+        elif ext and suffix in exts:
+            samples.append(Sample(member, key))
+        else:
+            skipped[suffix or "(no extension)"] += 1
+    return samples, classes
+
+
 def read_shard(
     shard: Path, exts: frozenset[str], max_bytes: int, skipped: Counter[str]
 ) -> tuple[list[Sample], dict[str, str]]:
     """The image samples of one shard and its `<key>.cls` texts (member headers checked)."""
-    samples: list[Sample] = []
-    classes: dict[str, str] = {}
-    with _open_tar(shard) as tf:
-        for m in _members(shard, tf, max_bytes):
-            member = m.name  # normalised as imageinfo.member_name does: the reader finds it
-            if not all(visible(part) for part in member.split("/")):
-                continue  # `._0001.jpg`, `__MACOSX/`: archive-tool droppings
-            key, ext = split_key(member)
-            if ext == LABEL_EXT:
-                fh = tf.extractfile(m.ref)  # type: ignore[arg-type]
-                data = fh.read(MAX_LABEL_BYTES + 1) if fh else b""
-                if len(data) > MAX_LABEL_BYTES:
-                    raise SourceError(
-                        f"{shard}: label member {member!r} is over {MAX_LABEL_BYTES} bytes; a "
-                        ".cls member holds one class name or index"
-                    )
-                classes[key] = data.decode("utf-8", errors="replace").strip()
-            elif posixpath.splitext(member)[1].lower() in exts and ext:
-                samples.append(Sample(member, key))
-            else:
-                skipped[posixpath.splitext(member)[1].lower() or "(no extension)"] += 1
-    return samples, classes
+    try:
+        with _open_tar(shard) as tf:
+            return _sort_members(shard, tf, exts, max_bytes, skipped)
+    except (tarfile.TarError, EOFError) as err:
+        raise SourceError(
+            f"{shard}: cannot read the shard ({type(err).__name__}: {err}); it is damaged or "
+            "truncated: download or copy it again"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- labels
