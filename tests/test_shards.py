@@ -298,3 +298,9 @@ def test_dvc_repro_on_shards_equals_repro_on_folders(tmp_path: Path) -> None:
     assert set(folder_splits) == {"train", "val", "test"}
     pd.testing.assert_series_equal(folder_splits, shard_splits)
     assert out["folder"]["metrics"] == out["shards"]["metrics"]
+
+
+def test_a_shard_above_max_archive_bytes_is_refused(tmp_path: Path) -> None:
+    _write_shards(tmp_path / "s", _images(per_class=2), n=1)
+    with pytest.raises(UnsafeShardError, match="max_archive_bytes = 100"):
+        _build(tmp_path, source={"kind": "shards", "path": "s"}, max_archive_bytes=100)

@@ -224,8 +224,12 @@ def _members(shard: Path, tf: tarfile.TarFile, max_bytes: int) -> list[Member]:
         checked = _tar_members(shard, tf)
         check_members(shard, checked, max_bytes)
     except UnsafeArchiveError as err:
-        if not err.member:
-            raise  # the size refusal names the shard and data.max_archive_bytes already
+        if not err.member:  # the size cap: the shard is never read, so say so, not "extract"
+            raise UnsafeShardError(
+                f"{shard}: its members hold more than data.max_archive_bytes = {max_bytes:,} "
+                "bytes; nothing of it was used. If you trust this shard, raise "
+                "data.max_archive_bytes in params.yaml (or write smaller shards)."
+            ) from None
         raise _refused(shard, err.member, err.why) from None
     end = shard.stat().st_size
     out = []
