@@ -304,3 +304,16 @@ def test_a_shard_above_max_archive_bytes_is_refused(tmp_path: Path) -> None:
     _write_shards(tmp_path / "s", _images(per_class=2), n=1)
     with pytest.raises(UnsafeShardError, match="max_archive_bytes = 100"):
         _build(tmp_path, source={"kind": "shards", "path": "s"}, max_archive_bytes=100)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_every_tar_header_format_is_read(tmp_path: Path, fmt: int) -> None:
+    data = _png(np.full((8, 8), 5, np.uint8))
+    deep = "/".join(["folder"] * 12) + "/" + "k" * 90  # > 100 characters: prefix / long name
+    with tarfile.open(tmp_path / "s.tar", "w", format=fmt) as tf:
+        for key, label in ((deep, "a"), ("x/ünï", "b")):
+            _add(tf, f"{key}.png", data)
+            _add(tf, f"{key}.cls", label.encode())
+    df = _build(tmp_path, source={"kind": "shards", "path": "s.tar"})
+    assert list(df["path"]) == [f"s.tar/{deep}.png", "s.tar/x/ünï.png"]
+    assert list(df["label"]) == ["a", "b"] and (df["error"] == "").all()

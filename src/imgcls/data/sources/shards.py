@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.config import DataConfig, ShardRef, SourceSpec
-from imgcls.data.imageinfo import SHARD_SUFFIX
+from imgcls.data.imageinfo import REGULAR_KINDS, SHARD_SUFFIX, TarEntry, scan_tar
 from imgcls.data.sources.archive import (  # one set of member rules for extracting and reading
+    LINK_WHY,
     Member,
     UnsafeArchiveError,
-    _tar_members,
     check_members,
     is_archive,
+    safe_member_name,
 )
 from imgcls.data.sources.common import (
     MAX_LOGGED_LINES,
@@ -218,11 +219,38 @@ def _refused(shard: Path, member: str, why: str) -> UnsafeShardError:
     return err
 
 
-def _members(shard: Path, tf: tarfile.TarFile, max_bytes: int) -> list[Member]:
-    """Every member header checked (the archive module's rules, plus sparse and bounds)."""
+def _entry_member(shard: Path, e: TarEntry) -> Member:
+    """A checked member from its header: the archive module's name rule, links, specials."""
     try:
-        checked = _tar_members(shard, tf)
-        check_members(shard, checked, max_bytes)
+        name = safe_member_name(shard, e.name)
+    except UnsafeArchiveError as err:
+        raise _refused(shard, err.member, err.why) from None
+    if e.kind == b"2":
+        raise _refused(shard, e.name, LINK_WHY.format(kind="symbolic"))
+    if e.kind == b"1":
+        raise _refused(shard, e.name, LINK_WHY.format(kind="hard"))
+    if e.kind not in (*REGULAR_KINDS, b"5"):
+        raise _refused(shard, e.name, "device, FIFO or other special file")
+    if e.sparse:
+        raise _refused(shard, e.name, "sparse member (its bytes are not stored in one run)")
+    is_dir = e.kind == b"5"
+    return Member(name, is_dir, 0 if is_dir else e.size, tarfile.TarInfo(e.name))
+
+
+def _members(shard: Path, fd: int, max_bytes: int) -> list[tuple[Member, TarEntry]]:
+    """Every member header checked (the archive module's rules, plus sparse and bounds)."""
+    end = os.fstat(fd).st_size
+    pairs = []
+    for e in scan_tar(fd):
+        m = _entry_member(shard, e)
+        if not m.is_dir and e.offset + e.size > end:
+            raise SourceError(
+                f"{shard}: member {e.name!r} runs past the end of the file; the shard is "
+                "truncated: download or copy it again"
+            )
+        pairs.append((m, e))
+    try:
+        check_members(shard, [m for m, _ in pairs], max_bytes)
     except UnsafeArchiveError as err:
         if not err.member:  # the size cap: the shard is never read, so say so, not "extract"
             raise UnsafeShardError(
@@ -231,35 +259,18 @@ def _members(shard: Path, tf: tarfile.TarFile, max_bytes: int) -> list[Member]:
                 "data.max_archive_bytes in params.yaml (or write smaller shards)."
             ) from None
         raise _refused(shard, err.member, err.why) from None
-    end = shard.stat().st_size
-    out = []
-    for m in checked:
-        info = m.ref
-        assert isinstance(info, tarfile.TarInfo)
-        if info.sparse is not None:
-            raise _refused(shard, info.name, "sparse member (its bytes are not stored in a row)")
-        if info.isfile() and info.offset_data + info.size > end:
-            raise SourceError(
-                f"{shard}: member {info.name!r} runs past the end of the file; the shard is "
-                "truncated: download or copy it again"
-            )
-        if info.isfile():
-            out.append(m)
-    return out
+    return [(m, e) for m, e in pairs if not m.is_dir]
 
 
-def _open_tar(shard: Path) -> tarfile.TarFile:
-    """Open a shard as a plain tar; a compressed or damaged one is a clear error."""
-    try:
-        return tarfile.open(shard, mode="r:")
-    except tarfile.ReadError as err:
-        with open(shard, "rb") as fh:
-            head = fh.read(6)
-        if head.startswith(GZIP_MAGIC) or head.startswith((b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")):
-            raise _compressed_error(shard) from None
-        raise SourceError(
-            f"{shard}: cannot read the shard as a tar ({err}); it is damaged or not a tar file"
-        ) from None
+def _not_a_tar(shard: Path, fd: int, err: Exception) -> SourceError:
+    """The error for a shard that is not a plain tar: compressed (by its magic) or damaged."""
+    head = os.pread(fd, 6, 0)
+    if head.startswith((GZIP_MAGIC, b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")):
+        return _compressed_error(shard)
+    return SourceError(
+        f"{shard}: cannot read the shard ({type(err).__name__}: {err}); it is damaged, "
+        "truncated or not a tar file: download or copy it again"
+    )
 
 
 def split_key(member: str) -> tuple[str, str]:
@@ -269,51 +280,43 @@ def split_key(member: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower()
 
 
-def _label_text(shard: Path, tf: tarfile.TarFile, m: Member) -> str:
+def _label_text(shard: Path, fd: int, m: Member, e: TarEntry) -> str:
     """The stripped text of a `<key>.cls` member (bounded: it holds one class)."""
-    fh = tf.extractfile(m.ref)  # type: ignore[arg-type]
-    data = fh.read(MAX_LABEL_BYTES + 1) if fh else b""
-    if len(data) > MAX_LABEL_BYTES:
+    if e.size > MAX_LABEL_BYTES:
         raise SourceError(
             f"{shard}: label member {m.name!r} is over {MAX_LABEL_BYTES} bytes; a .cls member "
             "holds one class name or index"
         )
-    return data.decode("utf-8", errors="replace").strip()
-
-
-def _sort_members(
-    shard: Path, tf: tarfile.TarFile, exts: frozenset[str], max_bytes: int, skipped: Counter[str]
-) -> tuple[list[Sample], dict[str, str]]:
-    """The checked members of an open shard as image samples and `.cls` label texts."""
-    samples: list[Sample] = []
-    classes: dict[str, str] = {}
-    for m in _members(shard, tf, max_bytes):
-        member = m.name  # normalised as imageinfo.member_name does: the reader finds it
-        if not all(visible(part) for part in member.split("/")):
-            continue  # `._0001.jpg`, `__MACOSX/`: archive-tool droppings
-        key, ext = split_key(member)
-        suffix = posixpath.splitext(member)[1].lower()
-        if ext == LABEL_EXT:
-            classes[key] = _label_text(shard, tf, m)
-        elif ext and suffix in exts:
-            samples.append(Sample(member, key))
-        else:
-            skipped[suffix or "(no extension)"] += 1
-    return samples, classes
+    return os.pread(fd, e.size, e.offset).decode("utf-8", errors="replace").strip()
 
 
 def read_shard(
     shard: Path, exts: frozenset[str], max_bytes: int, skipped: Counter[str]
 ) -> tuple[list[Sample], dict[str, str]]:
     """The image samples of one shard and its `<key>.cls` texts (member headers checked)."""
+    samples: list[Sample] = []
+    classes: dict[str, str] = {}
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        with _open_tar(shard) as tf:
-            return _sort_members(shard, tf, exts, max_bytes, skipped)
-    except (tarfile.TarError, EOFError) as err:
-        raise SourceError(
-            f"{shard}: cannot read the shard ({type(err).__name__}: {err}); it is damaged or "
-            "truncated: download or copy it again"
-        ) from None
+        try:
+            members = _members(shard, fd, max_bytes)
+        except (tarfile.TarError, EOFError, ValueError) as err:
+            raise _not_a_tar(shard, fd, err) from None
+        for m, e in members:
+            member = m.name  # normalised as imageinfo.member_name does: the reader finds it
+            if not all(visible(part) for part in member.split("/")):
+                continue  # `._0001.jpg`, `__MACOSX/`: archive-tool droppings
+            key, ext = split_key(member)
+            suffix = posixpath.splitext(member)[1].lower()
+            if ext == LABEL_EXT:
+                classes[key] = _label_text(shard, fd, m, e)
+            elif ext and suffix in exts:
+                samples.append(Sample(member, key))
+            else:
+                skipped[suffix or "(no extension)"] += 1
+    finally:
+        os.close(fd)
+    return samples, classes
 
 
 # ----------------------------------------------------------------------------- labels
