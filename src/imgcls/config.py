@@ -3,6 +3,7 @@
 Every model forbids unknown keys, so a typo in `params.yaml` fails loudly with the section and
 key named instead of silently falling back to a default. The library never reads `params.yaml`
 itself: stage entry points call :func:`load_params` and pass the sections they need.
+Long because it is the whole params schema, one model per section, in one place.
 """
 
 from __future__ import annotations

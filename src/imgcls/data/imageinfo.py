@@ -11,7 +11,9 @@ A path may also name a member of a tar shard, `<shard>.tar/<member>` (the form P
 zipimport uses for zip files): a path component cannot be a regular file and a folder at once,
 so such a path never collides with a real file. :func:`split_member` recognises it and the
 images are read in place, with `os.pread` at offsets indexed once per shard per process
-(docs/data-sources.md, "Tar shards").
+(docs/data-sources.md, "Tar shards"). Long because it is the one module every image read
+goes through, files and shard members alike, and what worker processes import (so the shard
+reader lives here rather than in a heavier module).
 Every decode failure becomes a short `error` reason instead of an exception, so one bad file can
 never stop ingest; the validate stage decides what to do with it.
 """

@@ -11,7 +11,9 @@ members where they are.
 Every member header is checked before anything is read, with the archive module's rules
 (:mod:`imgcls.data.sources.archive`): absolute or `..` names, links, devices, a name that occurs
 twice, sparse members and a shard above `data.max_archive_bytes` are refused with an error that
-names the shard and the member.
+names the shard and the member. Long because a shard source is three things that belong
+together: finding shards (local, mirrored, downloaded), checking and sorting their members, and
+labelling samples (`.cls` or a labels CSV).
 """
 
 from __future__ import annotations
