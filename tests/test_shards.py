@@ -23,6 +23,7 @@ from imgcls.data.imageinfo import inspect_image, open_image, split_member
 from imgcls.data.manifest import build_manifest
 from imgcls.data.sources import SourceError, UnsafeShardError
 from imgcls.data.sources.download import ChecksumError
+from imgcls.data.sources.shards import image_members
 
 CLASSES = ("diagonal", "horizontal", "vertical")  # sorted: the folder walk's order
 GROUPS = {"by": "regex", "pattern": r"^(s\d+)-"}
@@ -317,3 +318,15 @@ def test_every_tar_header_format_is_read(tmp_path: Path, fmt: int) -> None:
     df = _build(tmp_path, source={"kind": "shards", "path": "s.tar"})
     assert list(df["path"]) == [f"s.tar/{deep}.png", "s.tar/x/ünï.png"]
     assert list(df["label"]) == ["a", "b"] and (df["error"] == "").all()
+
+
+def test_image_members_lists_what_predict_would_read(tmp_path: Path) -> None:
+    images = _images(per_class=1)
+    (shard,) = _write_shards(tmp_path, images, n=1)
+    paths = image_members(shard)
+    assert paths == [f"{shard}/{lab}/{Path(n).stem}.png" for lab, n, _ in images]
+    with open_image(paths[1], 10**6) as im:
+        assert im.size == (16, 16)
+    _hostile(tmp_path / "bad.tar", "symlink")
+    with pytest.raises(UnsafeShardError, match="evil.png"):
+        image_members(tmp_path / "bad.tar")

@@ -321,6 +321,14 @@ def read_shard(
     return samples, classes
 
 
+def image_members(shard: Path, extensions: list[str] | None = None) -> list[str]:
+    """`<shard>/<member>` paths of a shard's image members, headers checked (for predict)."""
+    cfg = DataConfig() if extensions is None else DataConfig(extensions=extensions)
+    exts = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.extensions)
+    samples, _ = read_shard(Path(shard), exts, cfg.max_archive_bytes, Counter())
+    return [f"{shard}/{s.member}" for s in samples]
+
+
 # ----------------------------------------------------------------------------- labels
 
 
