@@ -84,7 +84,13 @@ _SHARD_IN_PATH = re.compile(r"\.tar[/\\]", re.IGNORECASE)
 
 def member_name(name: str) -> str:
     """A tar member's name as manifest paths spell it: POSIX, no `./` or empty components."""
+    framed = f"/{name}/"
+    if "\\" not in name and "//" not in framed and "/./" not in framed:
+        return name  # already plain: the common case, kept cheap
     return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+_KNOWN_SHARDS: set[str] = set()  # paths seen to be regular files (a file never becomes a folder)
 
 
 def split_member(path: Path | str) -> tuple[str, str] | None:
@@ -92,7 +98,8 @@ def split_member(path: Path | str) -> tuple[str, str] | None:
     text = os.fspath(path)
     for found in _SHARD_IN_PATH.finditer(text):  # a folder may be called x.tar: try each
         shard, member = text[: found.start() + 4], text[found.end() :]
-        if member and os.path.isfile(shard):
+        if member and (shard in _KNOWN_SHARDS or os.path.isfile(shard)):
+            _KNOWN_SHARDS.add(shard)  # a deleted shard still fails, at its read: "missing file"
             return shard, member_name(member)
     return None
 
@@ -169,18 +176,24 @@ def _checksum_ok(block: bytes) -> bool:
     return want == unsigned or want == unsigned - 256 * sum(b >= 128 for b in block)
 
 
-def scan_tar(fd: int) -> Iterator[TarEntry]:
-    """Every member of a plain tar, from its headers alone: one `pread` of 512 bytes each.
+READ_AHEAD = 1 << 16  # header reads come from 64 KiB windows: one pread per ~100 small members
 
-    About ten times faster than `tarfile` (no per-member objects, no checksums in Python
-    loops); GNU long names and pax `path` / `size` are honoured, a GNU sparse member ends the
-    scan (its layout is refused by ingest anyway). Raises tarfile.ReadError on a damaged header.
+
+def scan_tar(fd: int) -> Iterator[TarEntry]:
+    """Every member of a plain tar, from its headers alone (read through 64 KiB windows).
+
+    Several times faster than `tarfile` (no per-member objects or file-object seeks); GNU long
+    names and pax `path` / `size` are honoured, a GNU sparse member ends the scan (ingest
+    refuses it anyway). Raises tarfile.ReadError on a damaged or truncated header.
     """
     offset = 0
+    window, window_at = b"", 0
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
-        block = os.pread(fd, 512, offset)
+        if not (window_at <= offset and offset + 512 <= window_at + len(window)):
+            window, window_at = os.pread(fd, READ_AHEAD, offset), offset
+        block = window[offset - window_at : offset - window_at + 512]
         if len(block) < 512 or block == _ZERO_BLOCK:
             if block and block != _ZERO_BLOCK:
                 raise tarfile.ReadError(f"truncated tar header at byte {offset}")
@@ -202,8 +215,9 @@ def scan_tar(fd: int) -> Iterator[TarEntry]:
         if block[257:262] == b"ustar" and block[345] != 0:
             prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             name = f"{prefix}/{name}"
-        name = pax.get("path", long_name or name)
-        size = int(pax.get("size", size))
+        if pax or long_name:
+            name = pax.get("path", long_name or name)
+            size = int(pax.get("size", size))
         sparse = kind == b"S" or any(k.startswith("GNU.sparse") for k in pax)
         yield TarEntry(name, kind, size, data, sparse)
         if kind == b"S":
