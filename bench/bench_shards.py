@@ -90,16 +90,18 @@ def run(cmd: list[str], cwd: Path) -> float:
     return took
 
 
-def measure(root: Path, rel: str, source: object, workers: int) -> dict[str, float]:
-    """dvc add / push / pull and a cold ingest of `rel` in the repository `root`."""
-    remote = root.parent / f"{root.name}-remote"
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        run(cmd, root)
-    run(["dvc", "remote", "add", "-d", "local", str(remote)], root)
-    out = {"add": run(["dvc", "add", rel], root), "push": run(["dvc", "push"], root)}
-    shutil.rmtree(root / rel)
-    shutil.rmtree(root / ".dvc/cache")
-    out["pull"] = run(["dvc", "pull"], root)
+def measure(root: Path, rel: str, source: object, workers: int, dvc: bool) -> dict[str, float]:
+    """dvc add / push / pull (unless not `dvc`) and a cold ingest of `rel` in `root`."""
+    out = {"add": float("nan"), "push": float("nan"), "pull": float("nan")}
+    if dvc:
+        remote = root.parent / f"{root.name}-remote"
+        for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+            run(cmd, root)
+        run(["dvc", "remote", "add", "-d", "local", str(remote)], root)
+        out = {"add": run(["dvc", "add", rel], root), "push": run(["dvc", "push"], root)}
+        shutil.rmtree(root / rel)
+        shutil.rmtree(root / ".dvc/cache")
+        out["pull"] = run(["dvc", "pull"], root)
     cfg = DataConfig.model_validate({"source": source, "workers": workers})
     start = time.perf_counter()
     df = build_manifest(cfg, root, root / "data/raw", progress=False)
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200_000)
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ingest-only", action="store_true", help="skip the DVC commands")
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a tmp dir)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-shards-"))
@@ -135,10 +138,14 @@ def main() -> None:
         write_shards(shards_root, data, args.shards)
         print(f"wrote shards in {time.perf_counter() - t:.1f} s", flush=True)
         del data
-        results["files"] = measure(files_root, "data/images", "data/images", args.workers)
+        results["files"] = measure(
+            files_root, "data/images", "data/images", args.workers, not args.ingest_only
+        )
         print("files:", results["files"], flush=True)
         source = {"kind": "shards", "path": "data/shards"}
-        results["shards"] = measure(shards_root, "data/shards", source, args.workers)
+        results["shards"] = measure(
+            shards_root, "data/shards", source, args.workers, not args.ingest_only
+        )
         print("shards:", results["shards"], flush=True)
     finally:
         if not args.keep:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from _localhttp import local_server
 from _project import make_project, sh
 from imgcls.config import DataConfig
 from imgcls.data.dataset import decode_images
-from imgcls.data.imageinfo import inspect_image, open_image, split_member
+from imgcls.data.imageinfo import (
+    file_ident,
+    held_indexes,
+    inspect_image,
+    open_image,
+    remember_members,
+    split_member,
+)
 from imgcls.data.manifest import build_manifest
 from imgcls.data.sources import SourceError, UnsafeShardError
 from imgcls.data.sources.download import ChecksumError
@@ -246,6 +254,16 @@ def test_member_paths_cannot_collide_with_real_files(tmp_path: Path) -> None:
     assert split_member(tmp_path / "s.tar/dir/a.png") == (str(tmp_path / "s.tar"), "dir/a.png")
     with open_image(tmp_path / "s.tar/dir/a.png", 100) as im:
         assert im.getpixel((0, 0)) == 7
+    # an index handed over for some members only: another member is found by a full scan
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        _add(tf, "a.png", data)
+        _add(tf, "b.png", _png(np.full((8, 8), 3, np.uint8)))
+    shard = str(tmp_path / "t.tar")
+    remember_members(shard, file_ident(os.stat(shard)), {"a.png": (512, len(data))})
+    assert held_indexes()[shard][1] == {"a.png": (512, len(data))}
+    with open_image(f"{shard}/b.png", 100) as im:
+        assert im.getpixel((0, 0)) == 3
+    assert len(held_indexes()[shard][1]) == 2
     with pytest.raises(FileNotFoundError, match=r"s\.tar has no regular member 'dir/b\.png'"):
         open_image(tmp_path / "s.tar/dir/b.png", 100).__enter__()
     assert inspect_image(tmp_path / "s.tar/dir/b.png", 100)["error"] == "missing file"
@@ -263,6 +281,10 @@ def test_decode_cache_reads_members_in_worker_processes(tmp_path: Path) -> None:
     _write_shards(tmp_path / "shards", images)
     folder = _build(tmp_path, source="imgs")
     shards = _build(tmp_path, source={"kind": "shards", "path": "shards"})
+    # two ingest workers take over the offsets the source read (a fresh copy: no ingest cache)
+    shutil.rmtree(tmp_path / "data/raw")
+    parallel = _build(tmp_path, source={"kind": "shards", "path": "shards"}, workers=2)
+    pd.testing.assert_frame_equal(parallel, shards)
     a = decode_images(folder, tmp_path, 12, 1, tmp_path / "cache", workers=1, progress=False)
     b = decode_images(shards, tmp_path, 12, 1, tmp_path / "cache", workers=2, progress=False)
     assert a.shape == (90, 12, 12, 1)

@@ -33,6 +33,7 @@ from imgcls.data.imageinfo import (
     HIGH_BIT_MODES,
     TOO_LARGE_ERRORS,
     open_image,
+    prime_shards,
     rescale_to_uint8,
 )
 from imgcls.errors import ImgclsError
@@ -206,6 +207,7 @@ def decode_images(
             for job in jobs:
                 bar.update(_load_chunk(job))
         else:
+            prime_shards(paths)  # tar shards indexed once here; forked workers inherit it
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
                 for n in pool.map(_load_chunk, jobs):
                     bar.update(n)

@@ -20,6 +20,7 @@ never stop ingest; the validate stage decides what to do with it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -32,7 +33,7 @@ import warnings
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -111,6 +112,7 @@ class _Shard:
     fd: int
     ident: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
     members: dict[str, tuple[int, int] | None]  # None: the name occurs twice (ambiguous)
+    complete: bool = True  # False: handed over for some members; a miss scans the shard
 
     def __post_init__(self) -> None:
         # Closed when nothing uses it any more (not when evicted): a member view still reading
@@ -122,8 +124,12 @@ _SHARDS: OrderedDict[str, _Shard] = OrderedDict()
 _SHARDS_LOCK = threading.Lock()
 
 
-def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
+def file_ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a shard file from its replacement: device, inode, size, mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+_ident = file_ident
 
 
 @dataclass(frozen=True)
@@ -226,10 +232,10 @@ def scan_tar(fd: int) -> Iterator[TarEntry]:
         offset = data + (size + 511) // 512 * 512
 
 
-def _index_shard(fd: int, shard: str) -> dict[str, tuple[int, int] | None]:
-    """Member name -> (data offset, size) of every regular, non-sparse member (headers only)."""
+def _index_entries(entries: Iterable[TarEntry]) -> dict[str, tuple[int, int] | None]:
+    """Member name -> (data offset, size) of every regular, non-sparse member."""
     members: dict[str, tuple[int, int] | None] = {}
-    for m in scan_tar(fd):
+    for m in entries:
         if m.kind not in REGULAR_KINDS or m.sparse:  # links, folders, devices are never read
             continue
         name = member_name(m.name)
@@ -237,14 +243,54 @@ def _index_shard(fd: int, shard: str) -> dict[str, tuple[int, int] | None]:
     return members
 
 
-def _shard(shard: str) -> _Shard:
+def _index_shard(fd: int, shard: str) -> dict[str, tuple[int, int] | None]:
+    """Member name -> (data offset, size) of every regular, non-sparse member (headers only)."""
+    return _index_entries(scan_tar(fd))
+
+
+ShardIndexes = dict[str, tuple[tuple[int, int, int, int], dict[str, tuple[int, int]]]]
+
+
+def remember_members(shard: str, ident: tuple[int, int, int, int], members: dict) -> None:
+    """Hold an index that ingest already built (some members), so this process never scans."""
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if _ident(os.fstat(fd)) != ident:  # changed since it was indexed: let a read scan it
+        os.close(fd)
+        return
+    with _SHARDS_LOCK:
+        _SHARDS[shard] = _Shard(fd, ident, dict(members), complete=False)
+
+
+def held_indexes() -> ShardIndexes:
+    """The indexes this process holds, to hand to worker processes (see adopt_indexes)."""
+    with _SHARDS_LOCK:
+        return {k: (v.ident, v.members) for k, v in _SHARDS.items()}  # type: ignore[misc]
+
+
+def adopt_indexes(indexes: ShardIndexes) -> None:
+    """Worker initializer: take over the parent's shard indexes instead of scanning again."""
+    for shard, (ident, members) in indexes.items():
+        with contextlib.suppress(OSError):
+            remember_members(shard, ident, members)
+
+
+def prime_shards(paths: Iterable[str]) -> None:
+    """Open and index, once, every shard that `paths` name members of (before forking)."""
+    for shard in dict.fromkeys(m[0] for p in paths if (m := split_member(p))):
+        with contextlib.suppress(OSError, tarfile.TarError):
+            _shard(shard)
+
+
+def _shard(shard: str, member: str | None = None) -> _Shard:
     """The open, indexed shard (opened and indexed again when the file was replaced)."""
     st = os.stat(shard)
     with _SHARDS_LOCK:
         held = _SHARDS.get(shard)
-        if held is not None and held.ident == _ident(st):
+        if held is not None and held.ident == _ident(st) and (held.complete or member is None):
             _SHARDS.move_to_end(shard)
             return held
+        if held is not None and held.ident == _ident(st) and member in held.members:
+            return held  # a handed-over index that has this member
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, f"{shard}: not a regular file")
     fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -265,7 +311,7 @@ def _shard(shard: str) -> _Shard:
 
 def member_location(shard: str, member: str) -> tuple[_Shard, int, int]:
     """(open shard, offset, size) of a member; FileNotFoundError naming shard and member."""
-    held = _shard(shard)
+    held = _shard(shard, member)
     where = held.members.get(member, ())
     if where is None:
         raise FileNotFoundError(

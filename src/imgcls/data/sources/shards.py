@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.config import DataConfig, ShardRef, SourceSpec
-from imgcls.data.imageinfo import REGULAR_KINDS, SHARD_SUFFIX, TarEntry, scan_tar
+from imgcls.data.imageinfo import (
+    REGULAR_KINDS,
+    SHARD_SUFFIX,
+    TarEntry,
+    file_ident,
+    remember_members,
+    scan_tar,
+)
 from imgcls.data.sources.archive import (  # one set of member rules for extracting and reading
     LINK_WHY,
     Member,
@@ -298,6 +305,7 @@ def read_shard(
     """The image samples of one shard and its `<key>.cls` texts (member headers checked)."""
     samples: list[Sample] = []
     classes: dict[str, str] = {}
+    where: dict[str, tuple[int, int]] = {}
     fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         try:
@@ -314,8 +322,11 @@ def read_shard(
                 classes[key] = _label_text(shard, fd, m, e)
             elif ext and suffix in exts:
                 samples.append(Sample(member, key))
+                where[member] = (e.offset, e.size)
             else:
                 skipped[suffix or "(no extension)"] += 1
+        # ingest's workers take this index over (manifest.inspect_all) instead of scanning
+        remember_members(str(shard), file_ident(os.fstat(fd)), where)
     finally:
         os.close(fd)
     return samples, classes
