@@ -3,6 +3,7 @@
 Every model forbids unknown keys, so a typo in `params.yaml` fails loudly with the section and
 key named instead of silently falling back to a default. The library never reads `params.yaml`
 itself: stage entry points call :func:`load_params` and pass the sections they need.
+Long because it is the whole params schema, one model per section, in one place.
 """
 
 from __future__ import annotations
@@ -66,10 +67,31 @@ class GroupConfig(Strict):
         return self
 
 
+SHA256_RE = r"[0-9a-fA-F]{64}"
+
+
+class ShardRef(Strict):
+    """One tar shard of a `shards` source: a local `path` or an https `url` with its `sha256`."""
+
+    path: str | None = None  # a .tar file (relative to the repo root)
+    url: str | None = None  # https URL of a .tar file
+    sha256: str | None = None  # expected digest of the downloaded shard
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ShardRef:
+        if bool(self.path) == bool(self.url):
+            raise ValueError("a shard in data.source.shards needs exactly one of `path` or `url`")
+        if self.sha256 is not None and not re.fullmatch(SHA256_RE, self.sha256):
+            raise ValueError(f"sha256 {self.sha256!r} is not 64 hex characters")
+        return self
+
+
 class SourceSpec(Strict):
     """One data source in long form (the short form is a plain string: preset, path or URL)."""
 
-    kind: Literal["auto", "folder", "archive", "url", "digits", "idx", "csv", "preset"] = "auto"
+    kind: Literal[
+        "auto", "folder", "archive", "url", "digits", "idx", "csv", "preset", "shards"
+    ] = "auto"
     path: str | None = None  # folder, archive, IDX directory or labels CSV (relative to repo root)
     url: str | None = None  # https URL of an archive
     sha256: str | None = None  # expected digest of the downloaded archive
@@ -79,6 +101,10 @@ class SourceSpec(Strict):
     preset: str | None = None  # `preset`: rps | fashion-mnist (same as the short form)
     classes: list[str] | None = None  # `idx`: class names for label indices 0, 1, ...
     group: GroupConfig | None = None  # this source only: overrides `data.group`
+    # `shards` (tar shards in the WebDataset layout, read in place; docs/data-sources.md): a
+    # list of shard files or URLs, instead of `path` (a folder of *.tar, or one .tar) or `url`
+    shards: list[str | ShardRef] | None = None
+    labels: str | None = None  # `shards`: CSV `key,label[,group][,split]` instead of <key>.cls
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> SourceSpec:
@@ -86,11 +112,18 @@ class SourceSpec(Strict):
         field = needs.get(self.kind)
         if field and not getattr(self, field):
             raise ValueError(f"a data.source of kind '{self.kind}' needs `{field}`")
+        if self.kind == "shards" and sum(map(bool, (self.path, self.url, self.shards))) != 1:
+            raise ValueError(
+                "a data.source of kind 'shards' needs one of `path` (a folder of .tar shards, or "
+                "one .tar), `url` (+ `sha256`) or `shards` (a list of paths or {url, sha256})"
+            )
+        if self.kind not in ("shards", "auto") and (self.shards or self.labels):
+            raise ValueError("`shards` and `labels` belong to a data.source of kind 'shards'")
         if self.kind == "idx" and not self.path and not self.url:
             raise ValueError("a data.source of kind 'idx' needs `path` (the folder of IDX files)")
-        if self.kind == "auto" and not (self.path or self.url or self.preset):
+        if self.kind == "auto" and not (self.path or self.url or self.preset or self.shards):
             raise ValueError("a data.source needs one of `path`, `url` or `preset` (or a `kind`)")
-        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+        if self.sha256 is not None and not re.fullmatch(SHA256_RE, self.sha256):
             raise ValueError(f"sha256 {self.sha256!r} is not 64 hex characters")
         if self.name is not None and (
             not self.name or "/" in self.name or "\\" in self.name or self.name.startswith(".")

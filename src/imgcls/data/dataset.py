@@ -3,6 +3,9 @@
 Every image is decoded, converted and resized once into a uint8 array of shape (N, S, S, C)
 stored as `.npy` under the cache folder and memory-mapped afterwards, so epochs never
 re-decode files. The cache key covers the rows (path + sha256), the size and the channels.
+Rows may name members of tar shards (`<shard>.tar/<member>`): `open_image` reads them in place,
+each shard opened and indexed once per worker process (chunks are consecutive rows, so a worker
+touches few shards).
 :class:`SplitData` (from :func:`load_split_data`) is what training and evaluation read: a split's
 rows are data, not training.
 """
@@ -30,6 +33,7 @@ from imgcls.data.imageinfo import (
     HIGH_BIT_MODES,
     TOO_LARGE_ERRORS,
     open_image,
+    prime_shards,
     rescale_to_uint8,
 )
 from imgcls.errors import ImgclsError
@@ -203,6 +207,7 @@ def decode_images(
             for job in jobs:
                 bar.update(_load_chunk(job))
         else:
+            prime_shards(paths)  # tar shards indexed once here; forked workers inherit it
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
                 for n in pool.map(_load_chunk, jobs):
                     bar.update(n)

@@ -6,19 +6,36 @@ limit checked from the header before a single pixel is decoded. `inspect_image` 
 and describes it: digest, size, mode, format, perceptual hash, error. `write_png_chunk` writes
 generated images (digits, IDX) as PNG files. This module is what the worker processes import,
 so it stays light (Pillow, numpy, stdlib): no pandas, no torch.
+
+A path may also name a member of a tar shard, `<shard>.tar/<member>` (the form Python's
+zipimport uses for zip files): a path component cannot be a regular file and a folder at once,
+so such a path never collides with a real file. :func:`split_member` recognises it and the
+images are read in place, with `os.pread` at offsets indexed once per shard per process
+(docs/data-sources.md, "Tar shards"). Long because it is the one module every image read
+goes through, files and shard members alike, and what worker processes import (so the shard
+reader lives here rather than in a heavier module).
 Every decode failure becomes a short `error` reason instead of an exception, so one bad file can
 never stop ingest; the validate stage decides what to do with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
+import os
 import re
+import stat
+import tarfile
+import threading
 import warnings
+import weakref
 import zlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +76,310 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+# ----------------------------------------------------------------------------- tar shards
+
+SHARD_SUFFIX = ".tar"  # only plain tar: a compressed stream has no offsets to seek to
+MAX_OPEN_SHARDS = 64  # file descriptors kept open per process (least recently used closed)
+_SHARD_IN_PATH = re.compile(r"\.tar[/\\]", re.IGNORECASE)
+
+
+def member_name(name: str) -> str:
+    """A tar member's name as manifest paths spell it: POSIX, no `./` or empty components."""
+    framed = f"/{name}/"
+    if "\\" not in name and "//" not in framed and "/./" not in framed:
+        return name  # already plain: the common case, kept cheap
+    return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+_KNOWN_SHARDS: set[str] = set()  # paths seen to be regular files (a file never becomes a folder)
+
+
+def split_member(path: Path | str) -> tuple[str, str] | None:
+    """(shard file, member name) if `path` is `<shard>.tar/<member>` with a real shard file."""
+    text = os.fspath(path)
+    for found in _SHARD_IN_PATH.finditer(text):  # a folder may be called x.tar: try each
+        shard, member = text[: found.start() + 4], text[found.end() :]
+        if member and (shard in _KNOWN_SHARDS or os.path.isfile(shard)):
+            _KNOWN_SHARDS.add(shard)  # a deleted shard still fails, at its read: "missing file"
+            return shard, member_name(member)
+    return None
+
+
+@dataclass
+class _Shard:
+    """One open shard: its descriptor, identity when opened, and member -> (offset, size)."""
+
+    fd: int
+    ident: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
+    members: dict[str, tuple[int, int] | None]  # None: the name occurs twice (ambiguous)
+    complete: bool = True  # False: handed over for some members; a miss scans the shard
+
+    def __post_init__(self) -> None:
+        # Closed when nothing uses it any more (not when evicted): a member view still reading
+        # an evicted or replaced shard must never pread a reused descriptor number.
+        weakref.finalize(self, os.close, self.fd)
+
+
+_SHARDS: OrderedDict[str, _Shard] = OrderedDict()
+_SHARDS_LOCK = threading.Lock()
+
+
+def file_ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a shard file from its replacement: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+_ident = file_ident
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    """One tar member as its header(s) describe it; the data is at `offset`."""
+
+    name: str  # as stored (after a GNU long name or a pax `path`)
+    kind: bytes  # typeflag: b"0" / b"\0" / b"7" regular, b"5" folder, b"1" / b"2" links, ...
+    size: int
+    offset: int
+    sparse: bool = False
+
+
+REGULAR_KINDS = (b"0", b"\0", b"7")
+_ZERO_BLOCK = bytes(512)
+
+
+def _number(field: bytes) -> int:
+    """A tar header number: octal text, or GNU base-256 (sizes of 8 GiB and more)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise tarfile.HeaderError("negative number in a tar header")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.HeaderError(f"bad number {text!r} in a tar header") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The `key=value` records of a pax extended header."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise tarfile.HeaderError("bad pax record length")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _checksum_ok(block: bytes) -> bool:
+    """True if a header's checksum matches (unsigned, or the signed sum old tars wrote)."""
+    want = _number(block[148:156])
+    unsigned = sum(block) - sum(block[148:156]) + 256
+    return want == unsigned or want == unsigned - 256 * sum(b >= 128 for b in block)
+
+
+READ_AHEAD = 1 << 16  # header reads come from 64 KiB windows: one pread per ~100 small members
+
+
+def scan_tar(fd: int) -> Iterator[TarEntry]:
+    """Every member of a plain tar, from its headers alone (read through 64 KiB windows).
+
+    Several times faster than `tarfile` (no per-member objects or file-object seeks); GNU long
+    names and pax `path` / `size` are honoured, a GNU sparse member ends the scan (ingest
+    refuses it anyway). Raises tarfile.ReadError on a damaged or truncated header.
+    """
+    offset = 0
+    window, window_at = b"", 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        if not (window_at <= offset and offset + 512 <= window_at + len(window)):
+            window, window_at = os.pread(fd, READ_AHEAD, offset), offset
+        block = window[offset - window_at : offset - window_at + 512]
+        if len(block) < 512 or block == _ZERO_BLOCK:
+            if block and block != _ZERO_BLOCK:
+                raise tarfile.ReadError(f"truncated tar header at byte {offset}")
+            return
+        if not _checksum_ok(block):
+            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+        kind = block[156:157]
+        size = _number(block[124:136])
+        data = offset + 512
+        if kind in (b"L", b"x", b"g", b"K"):
+            value = os.pread(fd, size, data)
+            if kind == b"L":
+                long_name = value.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(value)
+            offset = data + (size + 511) // 512 * 512
+            continue
+        name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if block[257:262] == b"ustar" and block[345] != 0:
+            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            name = f"{prefix}/{name}"
+        if pax or long_name:
+            name = pax.get("path", long_name or name)
+            size = int(pax.get("size", size))
+        sparse = kind == b"S" or any(k.startswith("GNU.sparse") for k in pax)
+        yield TarEntry(name, kind, size, data, sparse)
+        if kind == b"S":
+            return
+        long_name, pax = None, {}
+        offset = data + (size + 511) // 512 * 512
+
+
+def _index_entries(entries: Iterable[TarEntry]) -> dict[str, tuple[int, int] | None]:
+    """Member name -> (data offset, size) of every regular, non-sparse member."""
+    members: dict[str, tuple[int, int] | None] = {}
+    for m in entries:
+        if m.kind not in REGULAR_KINDS or m.sparse:  # links, folders, devices are never read
+            continue
+        name = member_name(m.name)
+        members[name] = None if name in members else (m.offset, m.size)
+    return members
+
+
+def _index_shard(fd: int, shard: str) -> dict[str, tuple[int, int] | None]:
+    """Member name -> (data offset, size) of every regular, non-sparse member (headers only)."""
+    return _index_entries(scan_tar(fd))
+
+
+ShardIndexes = dict[str, tuple[tuple[int, int, int, int], dict[str, tuple[int, int]]]]
+
+
+def remember_members(shard: str, ident: tuple[int, int, int, int], members: dict) -> None:
+    """Hold an index that ingest already built (some members), so this process never scans."""
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if _ident(os.fstat(fd)) != ident:  # changed since it was indexed: let a read scan it
+        os.close(fd)
+        return
+    with _SHARDS_LOCK:
+        _SHARDS[shard] = _Shard(fd, ident, dict(members), complete=False)
+
+
+def held_indexes() -> ShardIndexes:
+    """The indexes this process holds, to hand to worker processes (see adopt_indexes)."""
+    with _SHARDS_LOCK:
+        return {k: (v.ident, v.members) for k, v in _SHARDS.items()}  # type: ignore[misc]
+
+
+def adopt_indexes(indexes: ShardIndexes) -> None:
+    """Worker initializer: take over the parent's shard indexes instead of scanning again."""
+    for shard, (ident, members) in indexes.items():
+        with contextlib.suppress(OSError):
+            remember_members(shard, ident, members)
+
+
+def prime_shards(paths: Iterable[str]) -> None:
+    """Open and index, once, every shard that `paths` name members of (before forking)."""
+    for shard in dict.fromkeys(m[0] for p in paths if (m := split_member(p))):
+        with contextlib.suppress(OSError, tarfile.TarError):
+            _shard(shard)
+
+
+def _shard(shard: str, member: str | None = None) -> _Shard:
+    """The open, indexed shard (opened and indexed again when the file was replaced)."""
+    st = os.stat(shard)
+    with _SHARDS_LOCK:
+        held = _SHARDS.get(shard)
+        if held is not None and held.ident == _ident(st) and (held.complete or member is None):
+            _SHARDS.move_to_end(shard)
+            return held
+        if held is not None and held.ident == _ident(st) and member in held.members:
+            return held  # a handed-over index that has this member
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"{shard}: not a regular file")
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        members = _index_shard(fd, shard)
+        ident = _ident(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    new = _Shard(fd, ident, members)
+    with _SHARDS_LOCK:
+        _SHARDS.pop(shard, None)
+        _SHARDS[shard] = new
+        while len(_SHARDS) > MAX_OPEN_SHARDS:
+            _SHARDS.popitem(last=False)
+    return new
+
+
+def member_location(shard: str, member: str) -> tuple[_Shard, int, int]:
+    """(open shard, offset, size) of a member; FileNotFoundError naming shard and member."""
+    held = _shard(shard, member)
+    where = held.members.get(member, ())
+    if where is None:
+        raise FileNotFoundError(
+            errno.ENOENT, f"shard {shard} holds member {member!r} twice; it is ambiguous"
+        )
+    if not where:
+        raise FileNotFoundError(errno.ENOENT, f"shard {shard} has no regular member {member!r}")
+    return held, where[0], where[1]
+
+
+def _pread(held: _Shard, size: int, offset: int, what: str) -> bytes:
+    """`size` bytes at `offset` (thread- and fork-safe: no shared file position)."""
+    data = os.pread(held.fd, size, offset)
+    if len(data) < size:
+        raise EOFError(f"{what}: truncated (the shard ends inside the member)")
+    return data
+
+
+class _MemberFile(io.RawIOBase):
+    """A read-only, seekable view of one member's bytes (for members too big to hold)."""
+
+    def __init__(self, held: _Shard, offset: int, size: int, what: str) -> None:
+        super().__init__()
+        self._held, self._start, self._size, self._what, self._pos = held, offset, size, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n:
+            data = _pread(self._held, n, self._start + self._pos, self._what)
+            buffer[:n] = data
+            self._pos += n
+        return n
+
+
+def member_size(path: Path | str) -> int:
+    """Size in bytes of the member `<shard>.tar/<member>` names."""
+    found = split_member(path)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"{path}: not a member of a .tar shard")
+    return member_location(*found)[2]
+
+
+def open_member(path: Path | str, max_in_memory: int | None = None) -> IO[bytes]:
+    """The bytes of the member `path` names: in memory up to `max_in_memory`, else a view."""
+    found = split_member(path)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"{path}: not a member of a .tar shard")
+    held, offset, size = member_location(*found)
+    what = f"member {found[1]!r} of shard {found[0]}"
+    if size <= (IN_MEMORY_MAX if max_in_memory is None else max_in_memory):
+        return io.BytesIO(_pread(held, size, offset, what))
+    return io.BufferedReader(_MemberFile(held, offset, size, what), HASH_CHUNK)
+
+
 @lru_cache(maxsize=1)
 def _dct_matrix(n: int = 32) -> np.ndarray:
     """Orthonormal DCT-II matrix, so that `D @ X @ D.T` is the 2-D DCT of an n x n block."""
@@ -91,9 +412,15 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
 def open_image(source: Path | str | IO[bytes], max_pixels: int) -> Iterator[Image.Image]:
     """Open an image of an allowed format whose header is within `max_pixels`; nothing decoded.
 
-    Raises UnidentifiedImageError (not an image, or a format outside `IMAGE_FORMATS`),
-    :class:`ImageTooLarge` (from the header, before any pixel is decoded) or OSError.
+    `source` may name a member of a tar shard (`<shard>.tar/<member>`, :func:`split_member`);
+    it is read in place. Raises UnidentifiedImageError (not an image, or a format outside
+    `IMAGE_FORMATS`), :class:`ImageTooLarge` (from the header, before any pixel is decoded)
+    or OSError.
     """
+    if isinstance(source, str | Path) and split_member(source) is not None:
+        with open_member(source) as member, open_image(member, max_pixels) as img:
+            yield img
+        return
     # Pillow's own checks (at open, and per GIF frame / TIFF tile while decoding) use this
     # process-wide limit; it is set to ours so that raising `max_image_pixels` past Pillow's
     # default works, and lowering it is enforced by Pillow's internal checks too.
@@ -212,7 +539,7 @@ def _reason(err: BaseException) -> str:
     return f"cannot decode ({type(err).__name__})"
 
 
-def _decode(source: Path | io.BytesIO, max_pixels: int) -> dict[str, Any]:
+def _decode(source: Path | IO[bytes], max_pixels: int) -> dict[str, Any]:
     """Open, fully decode and EXIF-orient an image; return its visible properties."""
     with open_image(source, max_pixels) as im:
         fmt = im.format or ""
@@ -228,19 +555,33 @@ def _decode(source: Path | io.BytesIO, max_pixels: int) -> dict[str, Any]:
         }
 
 
+def _read_source(path: Path) -> tuple[int, str, Path | IO[bytes]]:
+    """(size, sha256, what to decode) of a file or a shard member; raises OSError."""
+    if split_member(path) is not None:
+        with open_member(path, max_in_memory=IN_MEMORY_MAX) as fh:
+            if isinstance(fh, io.BytesIO):
+                data = fh.getvalue()
+                return len(data), hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+            digest = hashlib.sha256()
+            while chunk := fh.read(HASH_CHUNK):
+                digest.update(chunk)
+        return member_size(path), digest.hexdigest(), path
+    size = path.stat().st_size
+    if size <= IN_MEMORY_MAX:  # one read serves both the digest and the decoder
+        data = path.read_bytes()
+        return size, hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+    return size, sha256_file(path), path
+
+
 def inspect_image(path: Path | str, max_pixels: int) -> dict[str, Any]:
-    """Describe one file: sha256 plus image properties, or an `error` reason; never raises."""
+    """Describe one file (or tar shard member): sha256 plus image properties, or an `error`."""
     path = Path(path)
     out: dict[str, Any] = {"sha256": "", **_UNDECODED, "error": ""}
-    source: Path | io.BytesIO = path
     try:
-        size = path.stat().st_size
-        if size <= IN_MEMORY_MAX:  # one read serves both the digest and the decoder
-            data = path.read_bytes()
-            out["sha256"] = hashlib.sha256(data).hexdigest()
-            source = io.BytesIO(data)
-        else:
-            out["sha256"] = sha256_file(path)
+        size, out["sha256"], source = _read_source(path)
+    except EOFError:
+        out["error"] = "truncated"
+        return out
     except OSError as err:
         out["error"] = "missing file" if isinstance(err, FileNotFoundError) else _reason(err)
         return out

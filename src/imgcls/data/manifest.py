@@ -24,7 +24,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgcls.config import DataConfig, GroupConfig
-from imgcls.data.imageinfo import IMAGE_FORMATS, inspect_image
+from imgcls.data.imageinfo import (
+    IMAGE_FORMATS,
+    adopt_indexes,
+    held_indexes,
+    inspect_image,
+    split_member,
+)
 from imgcls.data.schema import MANIFEST_COLUMNS  # re-exported: the manifest's columns
 from imgcls.data.sources import FoundFile, materialise_all, resolve_sources, worker_count
 from imgcls.errors import ImgclsError
@@ -135,7 +141,10 @@ def inspect_all(
     # mid-lock. Worker start-up is a fraction of a second because imageinfo imports little.
     chunk = max(1, min(256, len(paths) // (workers * 8)))
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # tar shards: the workers take over the member offsets the source already read
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=adopt_indexes, initargs=(held_indexes(),)
+    ) as pool:
         return list(bar(pool.map(fn, paths, chunksize=chunk)))
 
 
@@ -159,7 +168,9 @@ def _relative(path: str, root: str) -> str:
 
 
 def _stat_key(path: str) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a file, or None if it cannot be stat'ed."""
+    """(size, mtime_ns) of a file (of its shard, for a tar member), or None if not stat'able."""
+    if member := split_member(path):
+        path = member[0]  # a changed shard re-inspects its members; an unchanged one, none
     try:
         st = os.stat(path)
     except OSError:

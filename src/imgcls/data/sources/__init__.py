@@ -1,10 +1,10 @@
 """Data sources: turn `data.source` into image files on disk under `data/raw/`, with labels.
 
 A source is a folder (one sub-folder per class, optionally under train/ val/ test/), a labels CSV,
-an archive, an https URL of an archive, scikit-learn's `digits`, IDX files (MNIST-style), or a
-preset (`rps`, `fashion-mnist`) that expands to those; one module per kind. Every source ends up
-as a list of :class:`FoundFile`; opening and hashing the images is the manifest's job
-(:mod:`imgcls.data.manifest`).
+an archive, an https URL of an archive, tar shards in the WebDataset layout (read in place),
+scikit-learn's `digits`, IDX files (MNIST-style), or a preset (`rps`, `fashion-mnist`) that
+expands to those; one module per kind. Every source ends up as a list of :class:`FoundFile`;
+opening and hashing the images is the manifest's job (:mod:`imgcls.data.manifest`).
 """
 
 from imgcls.data.sources.archive import (
@@ -35,6 +35,7 @@ from imgcls.data.sources.labels_csv import parse_label_cell, read_labels_csv
 from imgcls.data.sources.materialise import materialise, materialise_all
 from imgcls.data.sources.presets import PRESETS, expand_preset
 from imgcls.data.sources.resolve import resolve_sources
+from imgcls.data.sources.shards import UnsafeShardError, read_shard, shards_source
 
 __all__ = [
     "PRESETS",
@@ -48,6 +49,7 @@ __all__ = [
     "SourceError",
     "UnreachableError",
     "UnsafeArchiveError",
+    "UnsafeShardError",
     "archive_stem",
     "checked_name",
     "data_root",
@@ -62,8 +64,10 @@ __all__ = [
     "parse_label_cell",
     "read_idx",
     "read_labels_csv",
+    "read_shard",
     "resolve_sources",
     "scan_folder",
+    "shards_source",
     "url_file_name",
     "worker_count",
     "write_pngs",

@@ -62,6 +62,9 @@ class ArchiveError(ImgclsError):
 class UnsafeArchiveError(ArchiveError):
     """An archive with a member that would land outside the target, or one that is too big."""
 
+    member: str = ""  # the refused member, as the archive spells it ("" for a size refusal)
+    why: str = ""  # why it was refused (tar shards build their own message from these)
+
 
 @dataclass(frozen=True)
 class Member:
@@ -94,12 +97,14 @@ def archive_stem(name: str) -> str:
 
 def _refuse(archive: Path, member: str, why: str) -> UnsafeArchiveError:
     """Build the error for one refused member."""
-    return UnsafeArchiveError(
+    err = UnsafeArchiveError(
         f"{archive}: refused to extract member {member!r}: {why}. Nothing was extracted and the "
         "previous extraction, if any, is unchanged. An archive like this can overwrite files "
         "outside its folder (zip-slip); if you built it yourself, repack it with relative paths "
         "inside one folder and no links (tar: --dereference --hard-dereference; zip: without -y)."
     )
+    err.member, err.why = member, why
+    return err
 
 
 def safe_member_name(archive: Path, name: str) -> str:

@@ -18,6 +18,7 @@ from imgcls.data.sources.download import (
 from imgcls.data.sources.folder import local_folder, log_scan, reserved_folder_labels, scan_folder
 from imgcls.data.sources.generated import digits_source, idx_source
 from imgcls.data.sources.labels_csv import csv_source
+from imgcls.data.sources.shards import shards_source
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def materialise(
     rule = spec.group or cfg.group
     if spec.kind == "csv":
         files = csv_source(spec, cfg, root, raw_dir)
+    elif spec.kind == "shards":  # read in place: no folder to scan
+        files = shards_source(spec, cfg, root, raw_dir, progress)
     else:
         if spec.kind == "folder":
             path = Path(os.path.normpath(root / str(spec.path)))
@@ -50,10 +53,11 @@ def materialise(
             log.warning("%s: source %r delivered no image files", folder, spec.name)
         if cfg.multi_label:  # a folder gives each image one label: its class folder
             files = reserved_folder_labels(files, folder)
-    if rule.by == "csv" and spec.kind != "csv":
+    if rule.by == "csv" and spec.kind != "csv" and not (spec.kind == "shards" and spec.labels):
         raise SourceError(
             f"data.group.by is 'csv' but source {spec.name!r} is a {spec.kind}, which has no "
-            "group column; use a labels CSV source or another data.group.by"
+            "group column; use a labels CSV source (for shards: `labels:`) or another "
+            "data.group.by"
         )
     if spec.split:
         files = [FoundFile(f.path, f.label, spec.split, f.group, f.error) for f in files]

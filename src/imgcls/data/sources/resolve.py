@@ -10,6 +10,7 @@ from imgcls.data.sources.archive import archive_stem, is_archive
 from imgcls.data.sources.common import SourceError, checked_name
 from imgcls.data.sources.download import url_file_name
 from imgcls.data.sources.presets import PRESETS, expand_preset
+from imgcls.data.sources.shards import is_shard
 
 
 def _looks_like_idx_dir(path: Path) -> bool:
@@ -28,8 +29,16 @@ def _spec_from_string(text: str) -> SourceSpec:
     return SourceSpec(kind="auto", path=text)
 
 
+def _looks_like_shard_dir(path: Path) -> bool:
+    """True for a folder of plain .tar files only (no class folders): WebDataset shards."""
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    return bool(entries) and all(e.is_file() and is_shard(e.name) for e in entries)
+
+
 def _infer_kind(spec: SourceSpec, root: Path) -> str:
     """Pick the kind of an `auto` source from its path (archive, CSV, IDX folder or folder)."""
+    if spec.shards:
+        return "shards"
     if spec.preset:
         return "preset"
     if spec.url:
@@ -46,7 +55,9 @@ def _infer_kind(spec: SourceSpec, root: Path) -> str:
             "to the repository root; give a folder of class sub-folders, an archive, a labels "
             f"CSV, a URL, `digits` or a preset ({', '.join(PRESETS)})."
         )
-    return "idx" if _looks_like_idx_dir(path) else "folder"
+    if _looks_like_idx_dir(path):
+        return "idx"
+    return "shards" if path.is_dir() and _looks_like_shard_dir(path) else "folder"
 
 
 def _default_name(spec: SourceSpec) -> str:
@@ -55,6 +66,10 @@ def _default_name(spec: SourceSpec) -> str:
         return "digits"
     if spec.kind == "url":
         return archive_stem(url_file_name(spec))
+    if spec.kind == "shards":
+        if spec.url:
+            return archive_stem(url_file_name(spec))
+        return archive_stem(Path(spec.path).name) if spec.path else "shards"
     path = Path(str(spec.path))
     if spec.kind == "csv":
         return path.stem
