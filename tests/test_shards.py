@@ -352,3 +352,21 @@ def test_image_members_lists_what_predict_would_read(tmp_path: Path) -> None:
     _hostile(tmp_path / "bad.tar", "symlink")
     with pytest.raises(UnsafeShardError, match="evil.png"):
         image_members(tmp_path / "bad.tar")
+
+
+def test_predict_reads_a_shard_in_place_like_its_files(tmp_path: Path) -> None:
+    """`imgcls predict shard.tar`: one input per image member, decoded as the file would be."""
+    from imgcls.inference.predict import expand_inputs, read_image
+
+    images = _images(per_class=2)
+    _write_folder(tmp_path / "files", images)
+    (shard,) = _write_shards(tmp_path / "shards", images, n=1)
+    inputs = expand_inputs([shard, tmp_path / "shards" / "missing.tar"])
+    members = [i for i in inputs if i.error is None]
+    assert len(members) == len(images)  # the .cls members are not images
+    assert inputs[-1].error == "no such file or folder"
+    for item, (label, name, _) in zip(members, images, strict=True):
+        assert item.path == f"{shard}/{label}/{name}"
+        from_file = read_image(str(tmp_path / "files" / label / name), 16, 1)
+        np.testing.assert_array_equal(read_image(item.path, 16, 1), from_file)
+    assert not list((tmp_path / "shards").glob("*/"))  # nothing extracted

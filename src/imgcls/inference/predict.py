@@ -22,7 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from imgcls.data.dataset import DECODE_ERRORS, load_image
-from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS
+from imgcls.data.imageinfo import DEFAULT_MAX_PIXELS, split_member
+from imgcls.data.sources.common import SourceError
+from imgcls.data.sources.shards import image_members, is_shard
 from imgcls.errors import ImgclsError
 from imgcls.inference.decode import decode_error
 from imgcls.inference.logged import load_logged_model
@@ -182,7 +184,17 @@ def expand_inputs(specs: Sequence[str | Path]) -> list[InputFile]:
                 add(InputFile(str(f)))
             if not files:
                 add(InputFile(spec, "no image files (.png, .jpg, ...) in this folder"))
-        elif path.exists():
+        elif path.is_file() and is_shard(path.name):  # read in place, never extracted
+            try:
+                members = image_members(path)  # headers checked; "<shard>/<member>" paths
+            except SourceError as err:
+                add(InputFile(spec, str(err)))
+                continue
+            for member in members:
+                add(InputFile(member))
+            if not members:
+                add(InputFile(spec, "no image members in this shard"))
+        elif path.exists() or split_member(spec) is not None:
             add(InputFile(spec))
         elif _is_glob(spec):
             matches = sorted(glob.glob(spec, recursive=True))
