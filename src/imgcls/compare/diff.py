@@ -82,8 +82,8 @@ def headline_table(a: RunData, b: RunData) -> pd.DataFrame:
 def per_class_table(a: RunData, b: RunData) -> pd.DataFrame:
     """Per-class test precision / recall / F1 of A and B and their deltas, largest change first.
 
-    Sorted by the largest absolute change of the three (then by name); classes only one run
-    knows get NaN for the other.
+    Sorted by the absolute change of F1, then by the largest of the three, then by name;
+    classes only one run knows get NaN for the other (and come first).
     """
     classes = list(dict.fromkeys([*a.classes, *b.classes]))
     rows = []
@@ -96,8 +96,11 @@ def per_class_table(a: RunData, b: RunData) -> pd.DataFrame:
             row.update({f"{stem}_a": va, f"{stem}_b": vb, f"{stem}_delta": vb - va})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    deltas = frame[[f"{s}_delta" for s in STEMS]].abs().max(axis=1).fillna(np.inf)
-    order = sorted(range(len(frame)), key=lambda i: (-deltas.iloc[i], str(frame["class"][i])))
+    f1 = frame["f1_delta"].abs().fillna(np.inf)  # a class only one run knows: first
+    most = frame[[f"{s}_delta" for s in STEMS]].abs().max(axis=1).fillna(np.inf)
+    order = sorted(
+        range(len(frame)), key=lambda i: (-f1.iloc[i], -most.iloc[i], str(frame["class"][i]))
+    )
     return frame.iloc[order].reset_index(drop=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ def client_for(uri: str) -> Any:
     from imgcls.tracking.store import apply_http_defaults
 
     apply_http_defaults(uri)
+    # MLflow draws a progress bar per downloaded file: noise around a short table.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -123,7 +126,9 @@ def load_run(client: Any, ref: str, tmp: Path) -> RunData:
     table = json.loads(_artifact(client, run_id, CONFUSION, dest, ref).read_text())
     counts = np.asarray(table["counts"], dtype=np.int64)
     predictions = pd.read_csv(
-        _artifact(client, run_id, PREDICTIONS, dest, ref), keep_default_na=False
+        _artifact(client, run_id, PREDICTIONS, dest, ref),
+        keep_default_na=False,
+        dtype={"path": str, "label": str, "predicted": str},
     )
     return RunData(
         ref=ref,
