@@ -79,7 +79,7 @@ def plot_changed(rows: pd.DataFrame, root: Path, title: str, cap: int = GALLERY_
     ncols = min(max(n, 1), 8)
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(1.9 * ncols + 0.2, 2.3 * nrows + 0.5), dpi=100, squeeze=False
+        nrows, ncols, figsize=(1.9 * ncols + 0.2, 2.7 * nrows + 0.5), dpi=100, squeeze=False
     )
     for ax in axes.flat:
         ax.axis("off")
