@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("imgcls.training",),
     ("imgcls.inference", "imgcls.serving"),  # imgcls.serving: shim for models logged before
     ("imgcls.evaluation",),
-    ("imgcls.retrain", "imgcls.summary", "imgcls.tune", "imgcls.cli"),
+    ("imgcls.retrain", "imgcls.summary", "imgcls.tune", "imgcls.compare", "imgcls.cli"),
 ]
 # The one loop allowed: timm-style self-registration (custom models register on import).
 ALLOWED_CYCLE = {"imgcls.models", "imgcls.models.registry", "imgcls.models.custom"}

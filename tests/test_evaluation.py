@@ -35,7 +35,7 @@ from imgcls.evaluation.evaluate import (
 from imgcls.evaluation.figures import plot_confusion, plot_pr_curves, pyplot, short
 from imgcls.evaluation.gallery import confident_mistakes, plot_mistakes
 from imgcls.evaluation.metrics import classification_metrics, confusion, confusion_long
-from imgcls.evaluation.stage import EvaluatePaths, run_evaluate_stage
+from imgcls.evaluation.stage import ROOT_FIGURES, EvaluatePaths, run_evaluate_stage
 from imgcls.inference.logged import load_logged_model
 from imgcls.models.bundle import ImageClassifier, save_bundle
 from imgcls.models.registry import create_model
@@ -92,8 +92,15 @@ def test_val_split_is_prefixed_and_mlflow_keys_name_their_split() -> None:
 
     flat = flat_metrics({"test": Res(), "val": Res()})
     assert flat["f1_rock"] == flat["val_f1_rock"] == m["f1_rock"]
-    tracked = mlflow_metrics(flat)
-    assert "test_f1_rock" in tracked and "val_f1_rock" in tracked and "f1_rock" not in tracked
+    tracked = mlflow_metrics(flat, ["rock", "paper", "scissors"])
+    # per-class keys group under one "/" prefix (one chart section in MLflow's UI); val's numbers
+    # never reuse the per-epoch curves' keys (`val_accuracy` would gain a stray step-0 point)
+    assert tracked["test_f1_per_class/rock"] == tracked["eval_val_f1_per_class/rock"]
+    assert tracked["test_support_per_class/paper"] == m["support_paper"]
+    assert tracked["test_accuracy"] == tracked["eval_val_accuracy"] == m["accuracy"]
+    assert tracked["test_f1_macro"] == m["f1_macro"] and "test_f1_per_class/macro" not in tracked
+    assert not any(k.startswith("val_") or k.startswith("f1_") for k in tracked)
+    assert len(tracked) == len(flat)  # a renaming, nothing merged
 
 
 def test_multiclass_decides_by_argmax_whatever_the_thresholds() -> None:
@@ -356,6 +363,17 @@ def test_stage_logs_and_registers_the_model_after_evaluating_it(
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.metrics["test_accuracy"] == pytest.approx(report.metrics["accuracy"])
+    assert not any(k.startswith("val_") for k in got.data.metrics)  # evaluate's are eval_val_*
+    # the key figures at the artifact root (MLflow's compare view lines up only root files)
+    root_files = {a.path for a in client.list_artifacts(run.run_id) if not a.is_dir}
+    assert set(ROOT_FIGURES) <= root_files
+    # the per-image predictions, as written locally and logged
+    local = pd.read_csv(root / "reports/figures/predictions_test.csv")
+    dl = client.download_artifacts(run.run_id, "evaluation/predictions_test.csv", str(root / "dl"))
+    pd.testing.assert_frame_equal(pd.read_csv(dl), local)
+    assert list(local.columns) == ["path", "label", "predicted", "confidence", "correct"]
+    assert local["correct"].mean() == pytest.approx(report.metrics["accuracy"])
+    assert (local["label"] == local["predicted"]).tolist() == local["correct"].tolist()
     # the registered version is the serving model this stage logged, on the evaluated run
     version = client.get_model_version(name, "1")
     assert version.run_id == run.run_id

@@ -280,7 +280,7 @@ def test_binary_report(tmp_path: Path) -> None:
     assert pr["threshold"] == 0.3 and len(pr["precision"]) == len(pr["thresholds"]) + 1
     assert [r["path"] for r in report.tables["misclassified.json"]] == ["test/2.png"]
     assert report.confusion_rows["predicted"].tolist()[2:4] == ["defect", "defect"]
-    assert "test_f1_at_threshold" in mlflow_metrics(report.metrics)
+    assert "test_f1_at_threshold" in mlflow_metrics(report.metrics, report.classes)
     assert all((tmp_path / name).stat().st_size > 1000 for name in report.figures)
 
 
@@ -293,8 +293,10 @@ def test_multilabel_report(tmp_path: Path) -> None:
     assert len(report.confusion_rows) == 12
     assert [r["path"] for r in report.tables["misclassified.json"]] == ["test/1.png", "test/3.png"]
     flat = flat_metrics({"test": report.main})
-    tracked = mlflow_metrics(flat)
-    assert tracked["test_subset_accuracy"] == 0.5 and "test_threshold_fox" in tracked
+    tracked = mlflow_metrics(flat, report.classes)
+    assert tracked["test_subset_accuracy"] == 0.5 and "test_threshold_per_class/fox" in tracked
+    preds = report.predictions  # label sets per image, as the gallery's tiles name them
+    assert preds is not None and len(preds) == 4 and preds["correct"].sum() == 2
     assert all(isinstance(v, float) for v in tracked.values())
 
 

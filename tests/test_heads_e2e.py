@@ -82,7 +82,7 @@ def test_multilabel_project_end_to_end(tmp_path: Path) -> None:
 
     (run,) = mlflow_runs(root)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_f1_striped"] == pytest.approx(metrics["f1_striped"])
+    assert run.data.metrics["test_f1_per_class/striped"] == pytest.approx(metrics["f1_striped"])
     assert run.data.params["data.multi_label"] == "True"
     info = json.loads((root / "models/logged_models.json").read_text())  # evaluate logged it
     import mlflow.pyfunc

@@ -86,7 +86,7 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     assert f"#/runs/{exp_run.info.run_id}" in summary
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert "test_f1_macro" in run.data.metrics and "test_f1_0" in run.data.metrics
+        assert "test_f1_macro" in run.data.metrics and "test_f1_per_class/0" in run.data.metrics
         assert run.data.params["train.epochs"] in {"3", "1"}
     assert any(r.data.tags.get("dvc.exp_name") for r in runs)
 

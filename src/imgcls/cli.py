@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_export_parsers(sub)
     _add_lr_find_parser(sub)
     _add_tune_parser(sub)
+    from imgcls.compare import add_compare_parser  # the command's options live with it
+
+    add_compare_parser(sub)
     return ap
 
 

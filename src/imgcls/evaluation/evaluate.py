@@ -9,7 +9,7 @@ confusion per label, subset accuracy and micro / macro F1).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,8 +36,9 @@ from imgcls.evaluation.metrics import (
     multilabel_confusion,
     multilabel_metrics,
 )
+from imgcls.evaluation.predictions import predictions_table
 from imgcls.models.bundle import ImageClassifier
-from imgcls.task import TASKS, Task, decide
+from imgcls.task import TASKS, Task, decide, safe_name
 
 
 @dataclass
@@ -186,11 +187,34 @@ def headline_metrics(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: flat[k] for k in HEADLINE_KEYS if k in flat}
 
 
-def mlflow_metrics(flat: dict[str, Any]) -> dict[str, float]:
-    """The same numbers as run metrics, every key labelled with its split (`test_f1_rock`)."""
-    return {
-        (k if k.startswith(("val_", "train_")) else f"test_{k}"): float(v) for k, v in flat.items()
-    }
+# Per-class keys of `flat` (`<stem>_<class>`): in MLflow they become `<split>_<stem>_per_class/
+# <class>`, because the UI makes one chart section per prefix before a "/": 50 classes then fill
+# a few folded sections (`test_f1_per_class`, ...) instead of 200 rows among the headline keys.
+PER_CLASS_STEMS = ("precision", "recall", "f1", "support", "threshold", "average_precision")
+# The evaluated val numbers get their own prefix: the train stage logs `val_accuracy` & co. once
+# per epoch, and a final value at step 0 would add a stray point to those curves.
+EVAL_VAL_PREFIX = "eval_val_"
+
+
+def mlflow_key(key: str, classes: Sequence[str] = ()) -> str:
+    """A flat key as a run metric: `accuracy` -> `test_accuracy`, `val_accuracy` ->
+    `eval_val_accuracy`, `f1_rock` -> `test_f1_per_class/rock` (see PER_CLASS_STEMS)."""
+    split, rest = "test", key
+    for other in ("val", "train"):
+        if key.startswith(f"{other}_"):
+            split, rest = other, key[len(other) + 1 :]
+    prefix = EVAL_VAL_PREFIX if split == "val" else f"{split}_"
+    names = {safe_name(c) for c in classes}
+    for stem in PER_CLASS_STEMS:
+        name = rest.removeprefix(f"{stem}_")
+        if name != rest and name in names:
+            return f"{prefix}{stem}_per_class/{name}"
+    return f"{prefix}{rest}"
+
+
+def mlflow_metrics(flat: dict[str, Any], classes: Sequence[str] = ()) -> dict[str, float]:
+    """The same numbers as run metrics, every key labelled with its split (:func:`mlflow_key`)."""
+    return {mlflow_key(k, classes): float(v) for k, v in flat.items()}
 
 
 def summary_line(res: SplitEvaluation) -> str:
@@ -216,6 +240,13 @@ class Report:
     confusion_rows: pd.DataFrame  # (actual, predicted) per sample, for `dvc plots`
     figures: dict[str, Any]  # file name -> matplotlib figure
     tables: dict[str, Any]  # file name -> JSON-able data
+    predictions: pd.DataFrame | None = None  # main split: path, label, predicted, confidence
+    classes: list[str] = field(default_factory=list)  # the model's, in its order
+
+    @property
+    def predictions_name(self) -> str:
+        """The predictions table's file name (`predictions_test.csv`)."""
+        return f"predictions_{self.main.split}.csv"
 
 
 def _confusion_outputs(
@@ -323,7 +354,8 @@ def build_report(
     else:
         figures["pr_curves.png"] = plot_pr_curves(main.y_true, main.probs, classes)
         rows = confusion_long(main.y_true, y_pred, classes)
-    return Report(main, flat_metrics(results), rows, figures, tables)
+    predictions = predictions_table(main.y_true, main.probs, y_pred, classes, paths[name])
+    return Report(main, flat_metrics(results), rows, figures, tables, predictions, list(classes))
 
 
 def evaluate_data(

@@ -80,15 +80,24 @@ def write_outputs(paths: EvaluatePaths, report: Report) -> None:
         plt.close(fig)
     for name, table in report.tables.items():
         write_json(paths.figures / name, table)
+    if report.predictions is not None:  # per image, for `imgcls compare` (fixed / broken)
+        write_csv(paths.figures / report.predictions_name, report.predictions)
+
+
+# Logged at the artifact root: MLflow's compare view lists only the root files the compared runs
+# have in common ("No common artifacts to display" when every figure sits in a sub-folder).
+ROOT_FIGURES = ("confusion_matrix.png", "pr_curves.png", "misclassified.png")
 
 
 def log_report(run: tracking.Run, paths: EvaluatePaths, report: Report) -> None:
-    """Test / val metrics, tables and figures into the run (best-effort)."""
-    run.log_metrics(mlflow_metrics(report.metrics))
+    """Test / val metrics, tables, predictions and figures into the run (best-effort)."""
+    run.log_metrics(mlflow_metrics(report.metrics, report.classes))
     for name, table in report.tables.items():
         run.log_dict(table, f"evaluation/{name}")
     for name in report.figures:
-        run.log_artifact(paths.figures / name, "evaluation")
+        run.log_artifact(paths.figures / name, None if name in ROOT_FIGURES else "evaluation")
+    if report.predictions is not None:
+        run.log_artifact(paths.figures / report.predictions_name, "evaluation")
     run.log_artifact(paths.metrics, "evaluation")
     run.log_artifact(paths.details, "evaluation")
 
