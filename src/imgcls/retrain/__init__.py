@@ -12,7 +12,8 @@ changed; later stages then rerun only if the manifest changed.
 
 Modules, one job each: `base` (settings, results, errors), `redaction` (secrets out of what
 leaves the runner), `tools` (git / dvc subprocesses), `detect` (change detection, `dvc repro`),
-`gate` (the metric gate, the champion promotion), `report` (Markdown), `job` (the flow).
+`gate` (the metric gate), `promote` (`imgcls promote`; champion after a passed gate), `report`
+(Markdown), `job` (the flow).
 """
 
 from imgcls.retrain.base import (

@@ -42,6 +42,9 @@ class RetrainConfig:
     remote: str | None = None  # DVC remote name; None = the default remote
     push: bool = True
     commit: bool = True
+    # after a passed gate, move the registry's `champion` to the version evaluate registered
+    promote: bool = True
+    logged_models: str = "models/logged_models.json"  # evaluate's record of that version
 
 
 @dataclass(frozen=True)
@@ -86,4 +89,5 @@ class RetrainResult:
     gate: GateResult | None = None
     pushed: bool = False
     commit: str | None = None  # sha of the `[skip ci]` commit, None if nothing changed
+    promotion: str = ""  # what happened to the registry's champion (one line)
     report: str = ""  # the Markdown report

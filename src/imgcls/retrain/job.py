@@ -24,6 +24,7 @@ from imgcls.retrain.detect import (
     stale_stages,
 )
 from imgcls.retrain.gate import metric_gate, resolve_ref
+from imgcls.retrain.promote import promote_after_gate
 from imgcls.retrain.report import build_report, write_report
 from imgcls.retrain.tools import dvc, git, git_paths, run
 
@@ -91,6 +92,11 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
             result.pushed = True
         if cfg.commit:
             result.commit = commit_results(root, commit_message(result.gate, result.changed_data))
+        if cfg.promote:  # last: the champion's data and outputs are pushed by now
+            result.promotion = promote_after_gate(
+                root / cfg.logged_models, cfg.metric, cfg.max_drop
+            )
+            print(f"champion: {result.promotion}", flush=True)
     except RetrainError as err:
         result.report = build_report(root, cfg, result, base_ref, error=str(err))
         write_report(result.report, cfg.report)

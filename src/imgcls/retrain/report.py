@@ -89,6 +89,8 @@ def build_report(
     lines += [f"- Tracked data changed since the last dvc.lock: {changed}", f"- Stages run: {ran}"]
     if gate is not None:
         lines.append(f"- Metric gate: {gate.describe()}")
+    if result.promotion:
+        lines.append(f"- Registry champion: {result.promotion}")
     pushed = "yes" if result.pushed else "no"
     lines += [f"- Pushed to the DVC remote: {pushed}", f"- Commit: {result.commit or 'none'}", ""]
     if base_ref is not None and (root / cfg.metrics_file).is_file():
