@@ -156,7 +156,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         type=Path,
-        help="model file written by the train stage (default: models/model.pt)",
+        help="model file written by the train stage (default: models/model.pt), or an MLflow "
+        "model URI such as models:/imgcls@champion",
     )
     g.add_argument(
         "--model-uri",
