@@ -358,7 +358,7 @@ def test_stage_logs_and_registers_the_model_after_evaluating_it(
 
     record = json.loads((root / "models/logged_models.json").read_text())
     assert record["run_id"] == run.run_id and record["not_logged"] == []
-    assert record["registered_model"] == {"name": name, "version": 1}
+    assert record["registered_model"] == {"name": name, "version": 1, "alias": "challenger"}
     client = MlflowClient(run.uri)
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
@@ -384,7 +384,8 @@ def test_stage_logs_and_registers_the_model_after_evaluating_it(
     want = clf(torch.from_numpy(images)).detach().numpy()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", run.uri)
-        for uri in (record["model_uri"], record["serving_model_uri"], f"models:/{name}/1"):
+        registered = (f"models:/{name}/1", f"models:/{name}@challenger")
+        for uri in (record["model_uri"], record["serving_model_uri"], *registered):
             logged, _ = load_logged_model(uri)
             got_probs = logged(torch.from_numpy(images)).detach().numpy()
             np.testing.assert_allclose(got_probs, want, atol=1e-6)

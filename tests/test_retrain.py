@@ -511,6 +511,9 @@ def test_retrain_detects_gates_pushes_and_commits(tmp_path: Path) -> None:
     first_push = remote_files(remote)
     assert first_push
     baseline = head(root)
+    # tracking is off here: nothing was registered, so the passed gate promotes nothing (and
+    # says so); promotion on a passed gate is tested in test_promote.py against a real store
+    assert "champion: not promoted" in out and "tracking off" in out
 
     # 2. new images: the change is detected, all stages rerun, the gate passes, all is pushed
     add_images(root, per_class=10, seed=7)
@@ -529,6 +532,7 @@ def test_retrain_detects_gates_pushes_and_commits(tmp_path: Path) -> None:
     # the test supports grew with the new images (the headline may stay at 1.0 on this easy data)
     assert SKIP_CI in changed and "dvc.lock" in changed and "reports/eval_details.json" in changed
     assert summary.read_text().startswith("# Retrain passed")
+    assert "Registry champion: not promoted" in summary.read_text()
     assert (root / "reports/retrain.md").read_text().strip() == summary.read_text().strip()
 
     # 3. nothing changed: no stage reruns, nothing new is pushed or committed
@@ -550,3 +554,4 @@ def test_retrain_detects_gates_pushes_and_commits(tmp_path: Path) -> None:
     assert head(root) == data_commit
     assert remote_files(remote) == pushed
     assert (root / "reports/retrain.md").read_text().startswith("# Retrain failed")
+    assert "Registry champion" not in (root / "reports/retrain.md").read_text()

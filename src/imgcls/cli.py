@@ -120,13 +120,44 @@ def _add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_retrain)
 
 
+def _cmd_promote(args: argparse.Namespace) -> None:
+    """Promote a registered version (default: the challenger) to champion unless it is worse."""
+    from imgcls.retrain.promote import promote_command
+
+    line = promote_command(
+        Path(args.params), args.model, args.version, args.run, args.metric, args.force
+    )
+    print(f"imgcls promote: {line}")
+
+
+def _add_promote_parser(sub: argparse._SubParsersAction) -> None:
+    """`imgcls promote` (see docs/tracking.md#promotion)."""
+    p = sub.add_parser(
+        "promote",
+        help="move the registry alias `champion` to a model version (default: the challenger)",
+        description="Point models:/<name>@champion at a registered version: the `challenger` "
+        "(the last evaluated pipeline run) unless --version or --run names another. Refused "
+        "when it is worse on --metric than the current champion, unless --force. The store: "
+        "MLFLOW_TRACKING_URI, else tracking.uri in params.yaml, else mlflow.db.",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="registered version number to promote")
+    which.add_argument("--run", metavar="RUN_ID", help="the version this MLflow run registered")
+    p.add_argument("--model", help="registered model name (default: tracking.register_model)")
+    p.add_argument("--metric", help="run metric to compare, higher is better (test_f1_macro)")
+    p.add_argument("--force", action="store_true", help="promote even if it is worse")
+    p.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+    p.set_defaults(func=_cmd_promote)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """--model / --model-uri, shared by predict and export."""
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--model",
         type=Path,
-        help="model file written by the train stage (default: models/model.pt)",
+        help="model file written by the train stage (default: models/model.pt), or an MLflow "
+        "model URI such as models:/imgcls@champion",
     )
     g.add_argument(
         "--model-uri",
@@ -381,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
     _add_summary_parser(sub)
     _add_retrain_parser(sub)
+    _add_promote_parser(sub)
     _add_predict_export_parsers(sub)
     _add_lr_find_parser(sub)
     _add_tune_parser(sub)

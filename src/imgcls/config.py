@@ -355,7 +355,8 @@ class TrackingConfig(Strict):
     uri: str | None = None  # None: SQLite file `mlflow.db` at the repository root
     experiment: str = "imgcls"
     log_model: bool = True
-    register_model: str | None = None
+    # evaluated models become versions of this registered model, alias `challenger`; null: off
+    register_model: str | None = "imgcls"
 
 
 # --------------------------------------------------------------------------- tune

@@ -26,7 +26,7 @@ class ServingError(ImgclsError):
 
 
 def load_logged_model(uri: str) -> tuple[ImageClassifier, dict[str, Any]]:
-    """`runs:/...` or `models:/...` -> (uint8 (B, H, W, C) -> probabilities module, meta).
+    """`runs:/...` or `models:/...` (`@alias` too) -> (uint8 images -> probabilities module, meta).
 
     Reads only the imgcls model file (`models/model.pt` format) inside the logged model: the
     serving model's `model_file` artifact, or the `mlflow.pytorch` model's extra file. Only the
@@ -56,7 +56,8 @@ def download_bundle(uri: str, dest: Path) -> tuple[Path, str]:
         first = (str(err).splitlines() or [""])[0][:300]
         raise ServingError(
             f"cannot load the MLflow model {uri!r} ({type(err).__name__}: {first}). Check "
-            "the URI (runs:/<run_id>/model or models:/<name>/<version>) and "
+            "the URI (runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>, "
+            "e.g. models:/imgcls@champion) and "
             "MLFLOW_TRACKING_URI"
         ) from None
     try:

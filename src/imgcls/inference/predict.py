@@ -36,6 +36,8 @@ from imgcls.task import Task, decide, decided_labels, task_of
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp"}
 )
+# `--model` values read as MLflow model URIs (`models:/<name>@<alias>`, `models:/<name>/<n>`)
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
 PROGRESS_MIN_FILES = 64  # smaller jobs finish before a bar is worth drawing
 
 
@@ -114,9 +116,15 @@ def resolve_device(pref: str) -> torch.device:
 def load_predictor(
     model: Path | str | None = None, model_uri: str | None = None, device: str = "auto"
 ) -> Predictor:
-    """Load `models/model.pt` (or an MLflow `runs:/` / `models:/` URI) onto a device."""
+    """Load `models/model.pt` (or an MLflow `runs:/` / `models:/` URI) onto a device.
+
+    `model` may itself be such a URI (`--model models:/imgcls@champion`): a file name never
+    starts with `models:/` or `runs:/`, so there is nothing to confuse.
+    """
     if (model is None) == (model_uri is None):
         raise PredictError("give exactly one of --model PATH and --model-uri URI")
+    if model is not None and str(model).startswith(MODEL_URI_SCHEMES):
+        model, model_uri = None, str(model)
     dev = resolve_device(device)
     if model_uri is not None:
         net, meta = load_logged_model(model_uri)

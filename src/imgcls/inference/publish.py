@@ -2,20 +2,28 @@
 
 The evaluate stage calls :func:`log_models` once the model's evaluation succeeded, on the run the
 train stage started, so the registry only ever holds evaluated models, with their test metrics
-on the same run. Every step is best-effort, like the rest of tracking: a store that drops does
-not fail the stage, and what was lost is listed in the returned record's `not_logged`.
+on the same run. With `tracking.register_model` (default `imgcls`) the servable model becomes a
+new version of that registered model with the alias `challenger` (MLflow aliases replace the
+deprecated registry stages); `imgcls promote` then moves `champion` (imgcls.inference.aliases).
+Every step is best-effort, like the rest of tracking: a store that drops does not fail the
+stage, and what was lost is listed in the returned record's `not_logged`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from torch import nn
+
+if TYPE_CHECKING:  # `imgcls promote` imports this module's aliases: no torch at CLI start
+    from torch import nn
 
 log = logging.getLogger("imgcls.inference")
+
+CHALLENGER = "challenger"  # alias of the newest evaluated version: the candidate to promote
+CHAMPION = "champion"  # alias of the promoted version: `models:/<name>@champion` serves it
 
 
 class ModelRun(Protocol):
@@ -83,5 +91,22 @@ def log_models(
         record["serving_model_uri"] = uri
         if registered_name and version is not None:
             record["registered_model"] = {"name": registered_name, "version": version}
+            if set_alias(run.uri, registered_name, version, CHALLENGER):
+                record["registered_model"]["alias"] = CHALLENGER
+            else:
+                run.not_logged.append(f"alias {CHALLENGER}")
     record["not_logged"] = run.not_logged[lost:]
     return record
+
+
+def set_alias(uri: str, name: str, version: int, alias: str) -> bool:
+    """Point `alias` of registered model `name` at `version` (best-effort: False if it failed)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, alias, str(version))
+    except Exception as err:  # a dropped store must not fail an evaluation that succeeded
+        first = (str(err).splitlines() or [""])[0][:300]
+        log.warning("MLflow: could not set alias %s of %s: %s", alias, name, first)
+        return False
+    return True
