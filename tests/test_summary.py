@@ -107,3 +107,7 @@ def test_summary_names_the_model_the_evaluate_stage_logged(project: Path) -> Non
     _write(project, "models/logged_models.json", record)
     text = summarize(SummaryPaths())
     assert "model: models:/digits/3 (serve: mlflow models serve -m models:/digits/3" in text
+    record["registered_model"] = {"name": "digits", "version": 4, "alias": "challenger"}
+    _write(project, "models/logged_models.json", record)
+    text = summarize(SummaryPaths())
+    assert "model: models:/digits@challenger (version 4); promote: imgcls promote" in text

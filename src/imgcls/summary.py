@@ -171,7 +171,11 @@ def model_line(logged_models: Path) -> str | None:
     info = read_json(logged_models) or {}
     registered = info.get("registered_model")
     if isinstance(registered, dict) and registered.get("name"):
+        alias = registered.get("alias")  # `challenger` until `imgcls promote` makes it champion
         uri = f"models:/{registered['name']}/{registered.get('version')}"
+        if alias:
+            uri = f"models:/{registered['name']}@{alias} (version {registered.get('version')})"
+            return f"model: {uri}; promote: imgcls promote, serve: models:/{registered['name']}@champion"
         return f"model: {uri} (serve: mlflow models serve -m {uri} --env-manager local)"
     if info.get("serving_model_uri"):
         return f"model: {info['serving_model_uri']} (logged, not registered)"
