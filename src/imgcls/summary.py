@@ -175,7 +175,8 @@ def model_line(logged_models: Path) -> str | None:
         uri = f"models:/{registered['name']}/{registered.get('version')}"
         if alias:
             uri = f"models:/{registered['name']}@{alias} (version {registered.get('version')})"
-            return f"model: {uri}; promote: imgcls promote, serve: models:/{registered['name']}@champion"
+            champion = f"models:/{registered['name']}@champion"
+            return f"model: {uri}; promote: imgcls promote, serve: {champion}"
         return f"model: {uri} (serve: mlflow models serve -m {uri} --env-manager local)"
     if info.get("serving_model_uri"):
         return f"model: {info['serving_model_uri']} (logged, not registered)"
