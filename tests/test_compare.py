@@ -18,6 +18,7 @@ from imgcls.compare import CompareError, RunData, compare
 from imgcls.compare.diff import changed_predictions, confusion_difference
 from imgcls.compare.figures import agg_pyplot, plot_confusion_difference
 from imgcls.compare.report import markdown, terminal_table
+from imgcls.retrain.versus import compare_with_champion
 
 
 def _confusions(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -204,3 +205,27 @@ def test_compare_two_dvc_experiments_agrees_with_their_metrics(tmp_path: Path) -
     missing = sh("imgcls", "compare", "exp1", "nope", cwd=root, check=False)
     assert missing.returncode == 1 and "'nope' is neither a run id" in missing.stderr
     assert "exp1, exp2" in missing.stderr
+
+    # the retrain report: the registered candidate (exp2, the workspace's record) vs the champion
+    record = root / "models/logged_models.json"
+    assert json.loads(record.read_text())["registered_model"]["name"] == "imgcls"
+    out_dir = tmp_path / "versus"
+    assert "Not compared with `models:/imgcls@champion`" in compare_with_champion(
+        record, root, out_dir
+    )  # no champion yet: one line, never an error
+    (exp1_version,) = client.search_model_versions(f"run_id='{runs['exp1']}' and name='imgcls'")
+    client.set_registered_model_alias("imgcls", "champion", exp1_version.version)
+    text = compare_with_champion(record, root, out_dir)
+    assert "# models:/imgcls@champion vs models:/imgcls/" in text
+    assert f"| f1_macro | {eval_json['exp1']['f1_macro']:.4f} |" in text
+    assert (out_dir / "confusion_diff.png").is_file()
+
+
+def test_retrain_comparison_without_a_registered_candidate_is_one_line(tmp_path: Path) -> None:
+    """No record, or tracking was off: the report says why, the job goes on."""
+    record = tmp_path / "logged_models.json"
+    assert compare_with_champion(record, tmp_path, tmp_path / "out") == (
+        "_Not compared: logged_models.json is missing: nothing was registered._"
+    )
+    record.write_text(json.dumps({"run_id": None, "registered_model": None}))
+    assert "tracking off" in compare_with_champion(record, tmp_path, tmp_path / "out")

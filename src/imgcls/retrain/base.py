@@ -90,4 +90,5 @@ class RetrainResult:
     pushed: bool = False
     commit: str | None = None  # sha of the `[skip ci]` commit, None if nothing changed
     promotion: str = ""  # what happened to the registry's champion (one line)
+    versus_champion: str = ""  # Markdown: the candidate against the champion (imgcls compare)
     report: str = ""  # the Markdown report

@@ -27,6 +27,7 @@ from imgcls.retrain.gate import metric_gate, resolve_ref
 from imgcls.retrain.promote import promote_after_gate
 from imgcls.retrain.report import build_report, write_report
 from imgcls.retrain.tools import dvc, git, git_paths, run
+from imgcls.retrain.versus import compare_with_champion
 
 
 def git_tracked_outputs(root: Path) -> list[str]:
@@ -81,6 +82,9 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         reproduce(root, [cfg.data_stage] if result.changed_data else [], result.ran_stages)
         result.gate = metric_gate(root, base_ref, cfg)
         print(f"metric gate: {result.gate.describe()}", flush=True)
+        if cfg.promote:  # before promotion moves the alias: candidate vs the current champion
+            out = root / "reports" / "compare" / "champion_vs_candidate"
+            result.versus_champion = compare_with_champion(root / cfg.logged_models, root, out)
         if not result.gate.passed:
             raise GateFailed(
                 f"metric gate: {result.gate.describe()}. Nothing was pushed or committed; "

@@ -97,6 +97,9 @@ def build_report(
         # GitHub renders <details> in job summaries and comments: the table can be long
         lines += [f"## Metrics vs `{base_ref}`", "", "<details><summary>dvc metrics diff</summary>"]
         lines += ["", metrics_diff(root, base_ref), "", "</details>", ""]
+    if result.versus_champion:
+        lines += ["## Candidate vs the current champion", "", "<details><summary>imgcls compare"]
+        lines += ["</summary>", "", result.versus_champion, "", "</details>", ""]
     lines += ["## Data validation", "", validation_summary(validation_file(root, cfg)), ""]
     image = root / cfg.confusion_image
     where = f"`{cfg.confusion_image}`" if image.is_file() else "_not produced_"
