@@ -45,8 +45,8 @@ def select_device(pref: str) -> torch.device:
 
 def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
     """CPU threads, cuDNN autotuning and TF32 for this device (process-wide torch settings)."""
-    if device.type == "cpu" and cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+    if device.type == "cpu" and isinstance(cfg.cpu_threads, int):
+        torch.set_num_threads(cfg.cpu_threads)  # None / unmeasured auto: torch's one per core
     if device.type == "cuda":
         # cuDNN autotuning picks the fastest kernels for our fixed input size; TF32 speeds up
         # whatever still runs in fp32. Both are off when bit-for-bit repeatability is asked for.
@@ -69,9 +69,11 @@ def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
             f"train.precision fp16 needs a CUDA GPU (device is {device.type}); "
             "use bf16 or fp32 (auto)"
         )
-    # NHWC pays off on CUDA, and on CPU only with bf16 (oneDNN's AMX kernels want it).
-    nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
-    return Runtime(device=device, autocast_dtype=dtype, channels_last=cfg.channels_last and nhwc)
+    nhwc = cfg.channels_last
+    if nhwc == "auto":  # unmeasured (imgcls.training.probe fills in a measured choice)
+        # NHWC usually pays off on CUDA, and on CPU with bf16 (oneDNN's AMX kernels want it).
+        nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=bool(nhwc))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
