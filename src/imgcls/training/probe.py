@@ -40,9 +40,15 @@ PROBE_VERSION = 1  # bump when what is measured or how it is chosen changes (old
 MARGIN = 0.05  # a non-default candidate must be this much faster than the default
 LOSS_RTOL = 0.05  # a candidate's loss may differ from fp32's by this share (+ LOSS_ATOL)
 LOSS_ATOL = 0.02
-WARMUP_STEPS = 2  # first calls build kernels (oneDNN primitives, cuDNN plans): not timed
+WARMUP_STEPS = 1  # first calls build kernels (oneDNN primitives, cuDNN plans): not timed
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
-BUDGET_S = 6.0  # timed rounds stop once this is spent (after MIN_ROUNDS)
+DROP_FACTOR = 1.5  # after a round, candidates this much slower than the best are dropped
+# Thread counts compare like with like (same kernels), so their warm-up step already tells: one
+# 3x slower (N threads on a loaded CPU can take 10x) is dropped before any timed round.
+WARMUP_DROP_FACTOR = 3.0
+# Per stage (threads, then precision x layout), timed rounds stop once this is spent: a share of
+# the training's estimated time (steps x the fastest step so far), between the two bounds.
+BUDGET_SHARE, BUDGET_MIN_S, BUDGET_MAX_S = 0.01, 0.5, 2.5
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -236,7 +242,8 @@ def measure(
     cands: list[Candidate],
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     *,
-    budget_s: float = BUDGET_S,
+    train_steps: int | None = None,
+    warmup_drop: bool = False,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median ms per training step of each candidate, and those rejected (with the reason).
 
@@ -265,9 +272,14 @@ def measure(
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         runs[cand] = (net, opt, scaler, _step_fn(net, prep, loss_fn, x, y, device, dtype, cand))
     times: dict[Candidate, list[float]] = {c: [] for c in runs}
+    step_ms: dict[str, float] = {}
+    warm: dict[Candidate, float] = {}
+    budget_s = BUDGET_MAX_S
     t0 = time.perf_counter()
     for rnd in range(-WARMUP_STEPS, MAX_ROUNDS):
-        if rnd >= MIN_ROUNDS and time.perf_counter() - t0 > budget_s:
+        spent = time.perf_counter() - t0
+        # Enough rounds within budget, or over twice the budget with one timed round.
+        if (rnd >= MIN_ROUNDS and spent > budget_s) or (rnd >= 1 and spent > 2 * budget_s):
             break
         for cand, (net, opt, scaler, step) in list(runs.items()):
             if cand.threads is not None:
@@ -278,8 +290,30 @@ def measure(
                 del runs[cand], times[cand]
             elif rnd >= 0:
                 times[cand].append(seconds)
-    step_ms = {c.label: round(statistics.median(t) * 1000, 3) for c, t in times.items() if t}
+            else:
+                warm[cand] = seconds
+        if rnd == -1 and warmup_drop and warm:
+            fastest = min(warm.values())
+            for cand in [c for c, t in warm.items() if t > WARMUP_DROP_FACTOR * fastest]:
+                step_ms[cand.label] = round(warm[cand] * 1000, 3)  # a warm-up figure, for the log
+                del runs[cand], times[cand]
+        if rnd < 0 or not times:
+            continue
+        medians = {c: statistics.median(t) for c, t in times.items()}
+        if train_steps:
+            budget_s = probe_budget(train_steps * min(medians.values()))
+        for cand, median in medians.items():
+            step_ms[cand.label] = round(median * 1000, 3)
+            if median > DROP_FACTOR * min(medians.values()):  # clearly slower: stop timing it
+                del runs[cand], times[cand]
+        if len(runs) < 2:
+            break
     return step_ms, rejected
+
+
+def probe_budget(train_s: float) -> float:
+    """Seconds one probe stage may spend on a training estimated to take `train_s`."""
+    return min(BUDGET_MAX_S, max(BUDGET_MIN_S, BUDGET_SHARE * train_s))
 
 
 def _step_fn(
@@ -347,12 +381,14 @@ def resolve_auto(
     cache_dir: Path | None,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     world: int = 1,
+    train_steps: int | None = None,
 ) -> tuple[TrainConfig, ProbeResult | None]:
     """`cfg` with its `auto` settings measured (or read from the cache) and filled in.
 
     Nothing is measured (and `auto` keeps its fixed meaning, see :func:`make_runtime`) when no
     setting is auto, with `train.deterministic` (a timing must not change the numbers), on
-    devices other than CPU and CUDA, or when there is a single candidate.
+    devices other than CPU and CUDA, or when there is a single candidate. `train_steps` (the
+    training's optimiser steps) scales the probe's time budget to the training's length.
     """
     if not auto_keys(cfg) or cfg.deterministic or device.type not in ("cpu", "cuda"):
         return cfg, None
@@ -367,18 +403,59 @@ def resolve_auto(
         saved_threads = torch.get_num_threads()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                step_ms, rejected = measure(
-                    model, prep, loss_fn, batch, device, cands, make_optimizer
+                choice, step_ms, rejected = _staged(
+                    cands,
+                    lambda c, drop: measure(
+                        model,
+                        prep,
+                        loss_fn,
+                        batch,
+                        device,
+                        c,
+                        make_optimizer,
+                        train_steps=train_steps,
+                        warmup_drop=drop,
+                    ),
                 )
         finally:
             torch.set_num_threads(saved_threads)
         seconds = round(time.perf_counter() - t0, 2)
-        result = ProbeResult(
-            choose(cands, step_ms), "measured", step_ms, rejected, seconds, seconds, key
-        )
+        result = ProbeResult(choice, "measured", step_ms, rejected, seconds, seconds, key)
         if path is not None:
             write_json(path, result.to_dict())
     return apply_choice(cfg, result.choice), result
+
+
+Measure = Callable[[list[Candidate], bool], tuple[dict[str, float], dict[str, str]]]
+
+
+def _staged(
+    cands: list[Candidate], measure_: Measure
+) -> tuple[Candidate, dict[str, float], dict[str, str]]:
+    """Threads first (at the default precision and layout), then precision x layout at those.
+
+    Two small stages instead of the whole grid: a thread count that a loaded machine makes
+    10x slower is paid for once, not once per precision and layout.
+    """
+    step_ms: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    threads = cands[0].threads
+    if len({c.threads for c in cands}) > 1:
+        first = [c for c in cands if (c.precision, c.channels_last) == _style(cands[0])]
+        ms, rej = measure_(first, True)
+        step_ms.update(ms)
+        rejected.update(rej)
+        threads = choose(first, ms).threads
+    second = [c for c in cands if c.threads == threads]
+    ms, rej = measure_(second, False) if len(second) > 1 else ({}, {})
+    step_ms.update(ms)  # the second stage's figure wins for a candidate timed twice
+    rejected.update(rej)
+    return choose(second, ms), step_ms, rejected
+
+
+def _style(cand: Candidate) -> tuple[str, bool]:
+    """A candidate's precision and layout."""
+    return cand.precision, cand.channels_last
 
 
 def _read_cache(path: Path | None) -> ProbeResult | None:

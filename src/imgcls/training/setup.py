@@ -167,8 +167,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # cuBLAS is only repeatable with a fixed workspace; must be set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    # Set both ways: a process may train twice (tests, notebooks) with different settings.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Set both ways: a process may train twice (tests, notebooks) with different settings. But
+    # only when it changes: the call imports ~900 torch modules (torch._inductor & co, 1.4 s on
+    # a quiet 2-core CPU, 3 s on a loaded one) even to switch off what is already off.
+    wanted = (deterministic, True)  # (enabled, warn_only)
+    current = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if current != wanted and (deterministic or current[0]):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def build_model(params: Params, data: SplitData) -> nn.Module:

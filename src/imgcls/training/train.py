@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,7 @@ def probe_settings(
             cache_dir=cache,
             make_optimizer=lambda m: make_optimizer(m, cfg),
             world=dist.world_size,
+            train_steps=cfg.epochs * math.ceil(len(labels) / cfg.batch_size),
         )
         if result is not None:
             result.seconds = round(time.perf_counter() - t0, 2)  # the cache read included
