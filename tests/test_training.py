@@ -316,8 +316,14 @@ def test_precision_and_batch_checks() -> None:
     cpu = torch.device("cpu")
     assert make_runtime(TrainConfig(precision="bf16"), cpu).autocast_dtype == torch.bfloat16
     assert make_runtime(TrainConfig(), cpu).autocast_dtype is None
-    assert not make_runtime(TrainConfig(channels_last=True), cpu).channels_last
+    # channels_last auto (unmeasured): NHWC on CPU only with bf16; true / false are obeyed.
+    assert not make_runtime(TrainConfig(), cpu).channels_last
     assert make_runtime(TrainConfig(precision="bf16"), cpu).channels_last
+    assert make_runtime(TrainConfig(channels_last=True), cpu).channels_last
+    assert not make_runtime(TrainConfig(precision="bf16", channels_last=False), cpu).channels_last
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        parse_params({"train": {"cpu_threads": 0}})
+    assert parse_params({"train": {"cpu_threads": "auto"}}).train.cpu_threads == "auto"
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
         make_runtime(TrainConfig(precision="fp16"), cpu)
     assert per_process_batch(64, 4) == 16
