@@ -9,6 +9,9 @@ A candidate other than the default (fp32 / NCHW / N threads on CPU, bf16 / NHWC 
 beat the default by :data:`MARGIN`, so noise alone never flips the choice. The result is cached
 per CPU (model name + flags) or GPU, torch version, model and batch shape, so later runs skip the
 probe. It decides on the machine at hand, as loaded as it is at that moment.
+
+Long because candidates, timing, the numerical check, the choice and the cache are one
+mechanism whose parts share its constants; apart, each would be a few lines of glue.
 """
 
 from __future__ import annotations
