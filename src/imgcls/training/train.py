@@ -153,6 +153,7 @@ def train_model(
     cfg = params.train
     ctx = ctx or TrainContext.create(params)
     dist = ctx.dist
+    configure_backend(cfg, ctx.device)  # TF32 / cuDNN autotuning also while the probe times
     seed_everything(params.base.seed, cfg.deterministic)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("val")
@@ -171,7 +172,7 @@ def train_model(
         if run is not None:
             run.log_params(probe.params())
             run.log_dict(probe.to_dict(), "config/probe.json")
-    configure_backend(cfg, ctx.device)
+        configure_backend(cfg, ctx.device)  # the chosen thread count
     if dist.rank:  # same initial weights on every rank, but each draws its own dropout masks
         seed_everything(params.base.seed + dist.rank, cfg.deterministic)
     digest = config_hash(params, data.key)
@@ -260,7 +261,9 @@ def probe_settings(
             torch.from_numpy(np.ascontiguousarray(np.asarray(images[:n]).transpose(0, 3, 1, 2))),
             label_tensor(np.asarray(labels[:n])),
         )
-        arch = json.dumps([params.model.name, params.model.kwargs], sort_keys=True, default=str)
+        # Dropout rates change no step's cost: left out, tune's trials share one probe.
+        kwargs = {k: v for k, v in params.model.kwargs.items() if "drop" not in k}
+        arch = json.dumps([params.model.name, kwargs], sort_keys=True, default=str)
         t0 = time.perf_counter()
         _, result = resolve_auto(
             cfg,
