@@ -2,8 +2,10 @@
 
 import json
 import sqlite3
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -196,3 +198,22 @@ def test_train_stage_logs_probe_and_timing(tmp_path: Path) -> None:
     proc = run_train(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train settings probe (cache" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_take_rank_zeros_choice(tmp_path: Path) -> None:
+    """Under torchrun rank 0 probes once and every rank trains with its choice."""
+    train_project(
+        tmp_path,
+        {"name": "simple_cnn", "kwargs": {"widths": [8, 16]}},
+        {"epochs": 2, "batch_size": 16, "deterministic": False, "precision": "auto"},
+        [],
+        per_class=20,
+    )
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone")
+    proc = run_train(tmp_path, *launcher, "--nproc_per_node=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("train settings probe (measured") == 1  # rank 0, once
+    details = json.loads((tmp_path / "reports/train_details.json").read_text())
+    assert details["probe"]["choice"]["precision"] in ("fp32", "bf16")
+    assert len(list((tmp_path / "data/cache/probe").glob("*.json"))) == 1
