@@ -107,7 +107,8 @@ def run_train_stage(paths: TrainPaths, params: Params) -> str | None:
     write_csv(paths.history, pd.DataFrame(result.history))
     headline, details = train_metrics(result)
     details["timing"] = clock.report(epochs)
-    details["probe"] = probe
+    if probe is not None:  # absent when nothing was probed (deterministic, fixed settings)
+        details["probe"] = probe
     write_json(paths.details, details)
     write_json(paths.metrics, headline)
     write_json(paths.run_file, run_info)
