@@ -75,4 +75,4 @@ def train_history(root: Path) -> pd.DataFrame:
 def train_metrics(root: Path) -> dict:
     """The best epoch's figures (reports/train_details.json) without the wall-clock ones."""
     data = json.loads((root / "reports/train_details.json").read_text())
-    return {k: v for k, v in data.items() if k not in [*TIMING_COLUMNS, "train_time_s"]}
+    return {k: v for k, v in data.items() if k not in [*TIMING_COLUMNS, "train_time_s", "timing"]}

@@ -111,7 +111,7 @@ def history(root: Path) -> pd.DataFrame:
 def best_epoch(root: Path) -> dict[str, float]:
     """reports/train_details.json without its wall-clock figures."""
     data = json.loads((root / "reports/train_details.json").read_text())
-    return {k: v for k, v in data.items() if k not in [*TIMING_COLUMNS, "train_time_s"]}
+    return {k: v for k, v in data.items() if k not in [*TIMING_COLUMNS, "train_time_s", "timing"]}
 
 
 def cache_files(root: Path) -> list[str]:

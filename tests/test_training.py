@@ -316,8 +316,14 @@ def test_precision_and_batch_checks() -> None:
     cpu = torch.device("cpu")
     assert make_runtime(TrainConfig(precision="bf16"), cpu).autocast_dtype == torch.bfloat16
     assert make_runtime(TrainConfig(), cpu).autocast_dtype is None
-    assert not make_runtime(TrainConfig(channels_last=True), cpu).channels_last
+    # channels_last auto (unmeasured): NHWC on CPU only with bf16; true / false are obeyed.
+    assert not make_runtime(TrainConfig(), cpu).channels_last
     assert make_runtime(TrainConfig(precision="bf16"), cpu).channels_last
+    assert make_runtime(TrainConfig(channels_last=True), cpu).channels_last
+    assert not make_runtime(TrainConfig(precision="bf16", channels_last=False), cpu).channels_last
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        parse_params({"train": {"cpu_threads": 0}})
+    assert parse_params({"train": {"cpu_threads": "auto"}}).train.cpu_threads == "auto"
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
         make_runtime(TrainConfig(precision="fp16"), cpu)
     assert per_process_batch(64, 4) == 16
@@ -327,3 +333,34 @@ def test_precision_and_batch_checks() -> None:
         parse_params({"train": {"monitor": "val_f1"}})
     with pytest.raises(ConfigError, match="train.num_workers"):
         parse_params({"train": {"num_workers": -1}})
+
+
+def test_fashion_preset_applies_through_dvc_overrides(tmp_path: Path) -> None:
+    """params/fashion-mnist.yaml as `dvc exp run -S` flags: DVC applies them, params parse."""
+    import importlib.util
+    import shutil
+
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fashion", repo / "bench/bench_train_fashion.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    preset = yaml.safe_load((repo / "params/fashion-mnist.yaml").read_text())
+    flags = bench.set_flags(bench.overlay(bench.DATA, preset))
+    assert all(" " not in f for f in flags)  # one shell word each
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", [f.removeprefix("--set-param=") for f in flags])
+    params = parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    assert (
+        params.data.source == "fashion-mnist" and params.train.epochs == preset["train"]["epochs"]
+    )
+    assert params.model.kwargs == preset["model"]["kwargs"]
+    assert [t.name for t in params.augment.train] == [t["name"] for t in preset["augment"]["train"]]
+    assert params.train.precision == "auto" and params.split.val == 0.075
+    assert params == parse_params(
+        bench.overlay(
+            yaml.safe_load((repo / "params.yaml").read_text()), bench.overlay(bench.DATA, preset)
+        )
+    )

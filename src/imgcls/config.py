@@ -278,17 +278,22 @@ class TrainConfig(Strict):
         "train_loss",
     ] = "val_f1_macro"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere;
-    # bf16 also works on CPU (fast with AMX / AVX-512 BF16).
+    # auto: measured at start on a few real batches of the model (imgcls.training.probe;
+    # docs/training.md): the fastest numerically safe of fp32 / bf16 (CUDA: also fp16), cached
+    # per CPU / GPU and model. With `deterministic: true`, auto is not measured: bf16 on CUDA
+    # (fp16 where bf16 is unsupported), fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True  # NHWC memory format on CUDA (and on CPU with bf16)
+    # NHWC memory format: true / false, or auto (measured like precision; unmeasured: on CUDA,
+    # and on CPU with bf16).
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False  # torch.compile the model (CUDA: faster after a warm-up)
     # DataLoader workers when augmenting; auto: spare CPUs per process (0 on a 2-core CPU box).
     num_workers: int | Literal["auto"] = Field("auto")
     deterministic: bool = False
-    # CPU only: torch threads for training (None: one per core). On a CPU shared with other
-    # jobs, fewer threads than cores often trains faster.
-    cpu_threads: int | None = Field(None, ge=1)
+    # CPU only: torch threads for training (None: one per core; auto: 1 or one per core,
+    # whichever the start-up probe measures faster). On a CPU shared with other jobs, fewer
+    # threads than cores often trains faster.
+    cpu_threads: int | Literal["auto"] | None = Field(None)
     # Imbalanced classes (docs/imbalance.md). Loss weights: none, balanced (n / (k * count_c) on
     # the train split) or {class name: weight} (unnamed classes weigh 1).
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
@@ -302,6 +307,8 @@ class TrainConfig(Strict):
     def _workers(self) -> TrainConfig:
         if isinstance(self.num_workers, int) and self.num_workers < 0:
             raise ValueError("train.num_workers must be >= 0 or 'auto'")
+        if isinstance(self.cpu_threads, int) and self.cpu_threads < 1:
+            raise ValueError("train.cpu_threads must be >= 1, 'auto' or null (one per core)")
         return self
 
     @model_validator(mode="before")

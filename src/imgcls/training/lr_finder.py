@@ -172,7 +172,7 @@ def find_lr(
     try:
         seed_everything(params.base.seed, cfg.deterministic)
         device = select_device(cfg.device)
-        if device.type == "cpu" and cfg.cpu_threads:
+        if device.type == "cpu" and isinstance(cfg.cpu_threads, int):  # auto: not measured here
             torch.set_num_threads(cfg.cpu_threads)
         rt = make_runtime(cfg, device)
         model = build_model(params, data).to(device)  # throwaway: never saved, never returned

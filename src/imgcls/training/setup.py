@@ -45,8 +45,8 @@ def select_device(pref: str) -> torch.device:
 
 def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
     """CPU threads, cuDNN autotuning and TF32 for this device (process-wide torch settings)."""
-    if device.type == "cpu" and cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+    if device.type == "cpu" and isinstance(cfg.cpu_threads, int):
+        torch.set_num_threads(cfg.cpu_threads)  # None / unmeasured auto: torch's one per core
     if device.type == "cuda":
         # cuDNN autotuning picks the fastest kernels for our fixed input size; TF32 speeds up
         # whatever still runs in fp32. Both are off when bit-for-bit repeatability is asked for.
@@ -69,9 +69,11 @@ def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
             f"train.precision fp16 needs a CUDA GPU (device is {device.type}); "
             "use bf16 or fp32 (auto)"
         )
-    # NHWC pays off on CUDA, and on CPU only with bf16 (oneDNN's AMX kernels want it).
-    nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
-    return Runtime(device=device, autocast_dtype=dtype, channels_last=cfg.channels_last and nhwc)
+    nhwc = cfg.channels_last
+    if nhwc == "auto":  # unmeasured (imgcls.training.probe fills in a measured choice)
+        # NHWC usually pays off on CUDA, and on CPU with bf16 (oneDNN's AMX kernels want it).
+        nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=bool(nhwc))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -165,8 +167,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # cuBLAS is only repeatable with a fixed workspace; must be set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    # Set both ways: a process may train twice (tests, notebooks) with different settings.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Set both ways: a process may train twice (tests, notebooks) with different settings. But
+    # only when it changes: the call imports ~900 torch modules (torch._inductor & co, 1.4 s on
+    # a quiet 2-core CPU, 3 s on a loaded one) even to switch off what is already off.
+    wanted = (deterministic, True)  # (enabled, warn_only)
+    current = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if current != wanted and (deterministic or current[0]):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def build_model(params: Params, data: SplitData) -> nn.Module:

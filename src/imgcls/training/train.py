@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,13 @@ from torch import nn
 import imgcls
 from imgcls.config import Params
 from imgcls.data.augment import build_transform
-from imgcls.data.dataset import SplitData, channel_stats, load_split_data, read_splits
+from imgcls.data.dataset import (
+    SplitData,
+    channel_stats,
+    label_tensor,
+    load_split_data,
+    read_splits,
+)
 from imgcls.errors import ImgclsError
 from imgcls.models.bundle import Preprocess
 from imgcls.task import (
@@ -35,9 +43,18 @@ from imgcls.tracking import RunProcess
 from imgcls.training import distributed
 from imgcls.training.batches import make_batches
 from imgcls.training.checkpoint import read_resume
-from imgcls.training.distributed import Dist
+from imgcls.training.distributed import Dist, gather_objects
 from imgcls.training.loop import Runtime, predict_logits
-from imgcls.training.setup import build_model, configure_backend, seed_everything, select_device
+from imgcls.training.probe import ProbeResult, apply_choice, resolve_auto
+from imgcls.training.setup import (
+    build_model,
+    configure_backend,
+    make_loss,
+    make_optimizer,
+    per_process_batch,
+    seed_everything,
+    select_device,
+)
 from imgcls.training.trainer import EpochCallback, FitConfig, FitResult, fit
 
 log = logging.getLogger("imgcls.train")
@@ -120,6 +137,7 @@ def train_model(
     progress: bool = True,
     ctx: TrainContext | None = None,
     run: RunProcess | None = None,
+    probe_cache: Path | None = None,
 ) -> tuple[FitResult, dict[str, Any]]:
     """Build the configured model and fit it on the train split, validating on val.
 
@@ -127,11 +145,15 @@ def train_model(
     `run` (the train stage's MLflow run, rank 0) is then begun as the checkpoint's run, so one
     run holds every epoch. With several processes (`ctx.dist`, from torchrun) every rank calls
     this; only rank 0 logs, calls `on_epoch_end` and writes the checkpoint.
+
+    With a `probe_cache` folder, `train.precision` / `channels_last` / `cpu_threads: auto` are
+    measured on this model at start (or read from that cache): imgcls.training.probe. Without
+    one they keep their fixed meaning (tune's trials then all train alike).
     """
     cfg = params.train
     ctx = ctx or TrainContext.create(params)
     dist = ctx.dist
-    configure_backend(cfg, ctx.device)
+    configure_backend(cfg, ctx.device)  # TF32 / cuDNN autotuning also while the probe times
     seed_everything(params.base.seed, cfg.deterministic)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("val")
@@ -140,10 +162,20 @@ def train_model(
     mean, std = channel_stats(train_x)
     with distributed.main_first(dist):  # one download into the hub cache, not one per rank
         net = build_model(params, data)
+    say = log.info if dist.is_main else _quiet
+    probe = None
+    if probe_cache is not None:
+        probe = probe_settings(params, net, Preprocess(mean, std), data, ctx, probe_cache)
+    if probe is not None:
+        cfg = apply_choice(cfg, probe.choice)
+        say("%s", probe.line())
+        if run is not None:
+            run.log_params(probe.params())
+            run.log_dict(probe.to_dict(), "config/probe.json")
+        configure_backend(cfg, ctx.device)  # the chosen thread count
     if dist.rank:  # same initial weights on every rank, but each draws its own dropout masks
         seed_everything(params.base.seed + dist.rank, cfg.deterministic)
     digest = config_hash(params, data.key)
-    say = log.info if dist.is_main else _quiet
     resume = read_resume(checkpoint_path, digest, cfg.epochs, say)
     run_key = None
     if run is not None:
@@ -172,6 +204,7 @@ def train_model(
     result = fit(
         net, Preprocess(mean, std), (train_x, train_y), (val_x, val_y), len(data.classes), fit_cfg
     )
+    result.extra["probe"] = probe.to_dict() if probe is not None else None
     thresholds = None
     if data.task != "multiclass":
         thresholds = val_thresholds(result.model, Preprocess(mean, std), data, params)
@@ -204,6 +237,53 @@ def train_model(
 
 def _quiet(*_: Any) -> None:
     """Logger stand-in for ranks other than 0."""
+
+
+def probe_settings(
+    params: Params,
+    net: nn.Module,
+    prep: Preprocess,
+    data: SplitData,
+    ctx: TrainContext,
+    cache: Path,
+) -> ProbeResult | None:
+    """The `auto` settings' probe on this model and a real train batch (rank 0 decides).
+
+    Under torchrun rank 0 measures (or reads its cache) and every rank takes its choice, so
+    all ranks train alike even where their caches or timings would differ.
+    """
+    cfg, dist = params.train, ctx.dist
+    result = None
+    if dist.is_main:
+        images, labels = data.part("train")
+        n = per_process_batch(cfg.batch_size, dist.world_size)
+        batch = (
+            torch.from_numpy(np.ascontiguousarray(np.asarray(images[:n]).transpose(0, 3, 1, 2))),
+            label_tensor(np.asarray(labels[:n])),
+        )
+        # Dropout rates change no step's cost: left out, tune's trials share one probe.
+        kwargs = {k: v for k, v in params.model.kwargs.items() if "drop" not in k}
+        arch = json.dumps([params.model.name, kwargs], sort_keys=True, default=str)
+        t0 = time.perf_counter()
+        _, result = resolve_auto(
+            cfg,
+            net,
+            prep,
+            make_loss(cfg, None, data.task),
+            batch,
+            ctx.device,
+            arch=arch,
+            cache_dir=cache,
+            make_optimizer=lambda m: make_optimizer(m, cfg),
+            world=dist.world_size,
+            train_steps=cfg.epochs * math.ceil(len(labels) / cfg.batch_size),
+        )
+        if result is not None:
+            result.seconds = round(time.perf_counter() - t0, 2)  # the cache read included
+    if dist.enabled:
+        shared = gather_objects(result.to_dict() if result is not None else None)[0]
+        result = ProbeResult.from_dict(shared) if shared is not None else None
+    return result
 
 
 def val_thresholds(

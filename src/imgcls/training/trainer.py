@@ -4,6 +4,9 @@ Everything it is set up with (device, optimiser, scheduler, loss, imbalance) com
 :mod:`imgcls.training.setup`; reading the checkpoint to resume is the caller's
 (:func:`imgcls.training.checkpoint.read_resume`), so that the caller knows before the first
 epoch whether, and from which MLflow run, the training goes on.
+
+Long because the epoch loop, its scoring and its per-epoch timing read one another's state at
+every step; split, they would pass a dozen values back and forth.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,6 +307,7 @@ def fit(
 
     ema = parts.ema
     stopped_early = False
+    timing: list[dict[str, float]] = []  # this process's epochs: where each one's time went
     for epoch in range(start_epoch, tc.epochs):
         set_epoch(parts.train_batches, cfg.seed, epoch)
         bar = tqdm(
@@ -337,6 +342,7 @@ def fit(
             ) from None
         finally:
             bar.close()
+        t_val = time.perf_counter()
         val_logits, val_labels = predict_logits(parts.eval_net, prep, parts.val_batches, parts.rt)
         if len(val_labels) == 0:
             val_logits = np.zeros((0, output_units(cfg.task, num_classes)), np.float32)
@@ -354,6 +360,7 @@ def fit(
         }
         history.append(row)
         value = val.get(monitor, -stats.loss if not minimise else stats.loss)
+        t_checkpoint = time.perf_counter()
         improved = _better(value, best_value, tc.monitor)
         if improved:
             best_value, best_epoch = value, epoch + 1
@@ -400,8 +407,18 @@ def fit(
                     run_id=cfg.run_id() if cfg.run_id else None,
                     run_key=cfg.run_key,
                 ).save(cfg.checkpoint_path)
+        t_log = time.perf_counter()
         if cfg.on_epoch_end is not None and dist.is_main:
             cfg.on_epoch_end(epoch + 1, row)
+        timing.append(
+            {
+                "epoch": epoch + 1,
+                "train_s": round(stats.seconds, 3),
+                "val_s": round(t_checkpoint - t_val, 3),
+                "checkpoint_s": round(t_log - t_checkpoint, 3),  # best-state copy + file
+                "log_s": round(time.perf_counter() - t_log, 3),  # queued to the logger
+            }
+        )
         if stop:
             say(
                 "early stopping: %s did not improve for %d epochs",
@@ -414,6 +431,7 @@ def fit(
     extra = {
         "class_weights": describe_weights(parts.class_weights, names),
         "sampler": tc.sampler,
+        "timing": timing,
     }
     return FitResult(
         model, history, best_epoch, float(best_value), stopped_early, start_epoch, extra

@@ -110,6 +110,7 @@ def make_objective(params: Params, job: _Job, data: _DataCache) -> Callable[[opt
                 checkpoint_path=None,
                 on_epoch_end=on_epoch_end,
                 progress=False,
+                probe_cache=data.cache_dir / "probe",  # the stage's: `dvc exp run` trains alike
             )
             status, state = "FINISHED", "complete"
         except optuna.TrialPruned as err:
