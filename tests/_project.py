@@ -72,7 +72,9 @@ def make_project(dest: Path, *, fast: bool = True, **overrides: dict) -> Path:
     copy_files(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     if fast:
-        params["train"].update(epochs=3)
+        # fixed settings, not `auto`: two trainings compared bit for bit (resume, torchrun, two
+        # nodes) must not probe their way to different precisions; tests/test_probe.py tests auto
+        params["train"].update(epochs=3, precision="fp32", channels_last=False, cpu_threads=None)
     for section, values in overrides.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
