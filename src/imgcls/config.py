@@ -323,6 +323,7 @@ class TrackingConfig(Strict):
     experiment: str = "imgcls"
     log_model: bool = True
     register_model: str | None = None
+    system_metrics: bool = True  # CPU / memory / GPU utilisation sampled into each run
 
 
 # --------------------------------------------------------------------------- tune
