@@ -51,7 +51,7 @@ from imgcls.tracking.messages import (
 )
 from imgcls.tracking.run import warn_not_logged
 from imgcls.tracking.store import TrackingError, flatten, pipeline_tags, probe, resolve_uri
-from imgcls.tracking.sysmetrics import SystemMetrics, prime_cpu_percent, start_system_metrics
+from imgcls.tracking.sysmetrics import SystemMetrics, start_system_metrics
 
 log = logging.getLogger("imgcls.tracking")
 
@@ -264,7 +264,6 @@ def logger_main(fd: int) -> None:
     conn = Connection(fd)
     run: Run | None = None
     monitor: SystemMetrics | None = None
-    prime_cpu_percent()  # the first system-metrics sample then covers the stage's start-up
     try:
         opening: Open = conn.recv()
         try:
