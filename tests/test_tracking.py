@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from _trainrun import run_train, train_project
+from _trainrun import run_stage, run_train, train_project
 from imgcls.config import TrackingConfig, parse_params
 from imgcls.tracking import (
     Run,
@@ -400,7 +400,7 @@ def system_metric_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {k: len(client.get_metric_history(run_id, k)) for k in keys}
 
 
-# ~15 s: two short real trainings (pipeline/train.py and its logger process)
+# ~30 s: two short real trainings (pipeline/train.py and its logger process) and one evaluate
 @pytest.mark.slow
 def test_a_training_run_logs_system_metrics_unless_turned_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -430,6 +430,16 @@ def test_a_training_run_logs_system_metrics_unless_turned_off(
     time.sleep(1.0)
     assert system_metric_steps(client, runs[True]) == on
     assert system_metric_steps(client, runs[False]) == {}
+
+    # The evaluate stage's model publisher samples too, continuing the run's steps.
+    done = run_stage(tmp_path / "on", "evaluate")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "on/models/logged_models.json").read_text())
+    assert record["model_uri"] and record["serving_model_uri"] and record["not_logged"] == []
+    assert client.get_run(runs[True]).info.status == "FINISHED"
+    cpu = client.get_metric_history(runs[True], "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == list(range(len(cpu)))
+    assert len(cpu) > on["system/cpu_utilization_percentage"]
 
 
 def test_system_metrics_log_the_last_sample_of_a_run_shorter_than_the_interval(
