@@ -188,12 +188,14 @@ class Publisher:
 
 
 def start_publisher(run_file: Path, log_model: bool, system_metrics: bool) -> Publisher | None:
-    """Start the child for the run the train stage started (None: no run, or nothing to do).
+    """Start the child for the run the train stage started (None: no run, or no models to log).
 
-    Call it first in the evaluate stage: the child warms up while the parent evaluates.
+    Call it first in the evaluate stage: the child warms up while the parent evaluates. It
+    samples the stage's system metrics too (only then: a child importing torch and mlflow just
+    to sample would cost more than it measures).
     """
     info = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    if not info.get("run_id") or not (log_model or system_metrics):
+    if not info.get("run_id") or not log_model:
         return None
     return Publisher(_Start(info["run_id"], info["tracking_uri"], system_metrics))
 
