@@ -12,6 +12,10 @@ system metrics into the run (:mod:`imgcls.tracking.sysmetrics`, unless
 `tracking.system_metrics: false`) until the train stage closes it; models are logged by the
 evaluate stage, on the same run, once they have been evaluated. A resumed training continues
 the run its checkpoint names (:meth:`RunProcess.begin`): one run holds every epoch.
+
+Long because the two ends of one pipe protocol (the train stage's handle and the logger's loop)
+are easier to check against each other side by side; the messages themselves are in their own
+module.
 """
 
 from __future__ import annotations
