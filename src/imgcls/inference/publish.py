@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def log_models(
     """
     from imgcls.inference.serving import log_serving_model_info
 
+    _skip_requirement_scan()
     record = empty_record(run.run_id, run.uri)
     lost = len(run.not_logged)
     example = np.array(input_example[:2])  # a writable copy: torch.export rejects mmap'd arrays
@@ -195,9 +197,24 @@ def start_publisher(run_file: Path, log_model: bool, system_metrics: bool) -> Pu
     to sample would cost more than it measures).
     """
     info = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    if not info.get("run_id") or not log_model:
+    if not info.get("run_id") or not log_model or not _use_a_process():
         return None
     return Publisher(_Start(info["run_id"], info["tracking_uri"], system_metrics))
+
+
+def _use_a_process() -> bool:
+    """Whether a child process pays: only when a core is idle while the parent evaluates.
+
+    Measured (bench/bench_evaluate_models.py): with a spare core the child's warm-up is free
+    and the stage waits only for the logging itself; on a machine whose every core is busy the
+    child's own imports (torch, mlflow) make the stage ~2 s slower than logging in-process.
+    IMGCLS_MODEL_PUBLISHER=process / inline forces either (tests, benchmarks).
+    """
+    forced = os.environ.get("IMGCLS_MODEL_PUBLISHER", "auto")
+    if forced in ("process", "inline"):
+        return forced == "process"
+    cpus = os.cpu_count() or 1
+    return cpus >= 2 and os.getloadavg()[0] <= cpus - 1
 
 
 def publisher_main(fd: int) -> None:
