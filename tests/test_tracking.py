@@ -406,7 +406,7 @@ def test_a_training_run_logs_system_metrics_unless_turned_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.3")  # not 10 s: a short run
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # not 10 s: a short run
     monkeypatch.setenv("IMGCLS_MODEL_PUBLISHER", "process")  # whatever the machine's load
     model = {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0.0}}
     train = {"epochs": 2, "batch_size": 16, "lr": 0.01}
@@ -422,7 +422,7 @@ def test_a_training_run_logs_system_metrics_unless_turned_off(
     client = MlflowClient(uri)
     on = system_metric_steps(client, runs[True])
     for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
-        assert on.get(f"system/{key}", 0) >= 2, on
+        assert on.get(f"system/{key}", 0) >= 1, on
     cpu = client.get_metric_history(runs[True], "system/cpu_utilization_percentage")
     assert sorted(m.step for m in cpu) == list(range(len(cpu)))  # one step per sample
     assert all(0 <= m.value <= 100 for m in cpu) and max(m.value for m in cpu) > 0
