@@ -6,6 +6,7 @@ Every test talks to a real MLflow store (SQLite in tmp_path) or a real closed po
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from _trainrun import run_stage, run_train, train_project
 from imgcls.config import TrackingConfig, parse_params
 from imgcls.tracking import (
     Run,
@@ -390,3 +392,67 @@ os._exit(3)
         time.sleep(0.2)
     assert client.get_run(run_id).info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
+
+
+def system_metric_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """{system metric key: number of samples logged} of a run."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    return {k: len(client.get_metric_history(run_id, k)) for k in keys}
+
+
+# ~30 s: two short real trainings (pipeline/train.py and its logger process) and one evaluate
+@pytest.mark.slow
+def test_a_training_run_logs_system_metrics_unless_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # not 10 s: a short run
+    monkeypatch.setenv("IMGCLS_MODEL_PUBLISHER", "process")  # whatever the machine's load
+    model = {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0.0}}
+    train = {"epochs": 2, "batch_size": 16, "lr": 0.01}
+    runs = {}
+    for on in (True, False):
+        root = tmp_path / ("on" if on else "off")
+        tracking = {"uri": uri, "system_metrics": on}
+        train_project(root, model, train, [], per_class=10, tracking=tracking)
+        done = run_train(root)
+        assert done.returncode == 0, done.stderr
+        assert "system metrics" not in done.stderr  # MLflow's INFO chatter stays out of the log
+        runs[on] = json.loads((root / "models/run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    on = system_metric_steps(client, runs[True])
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert on.get(f"system/{key}", 0) >= 1, on
+    cpu = client.get_metric_history(runs[True], "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == list(range(len(cpu)))  # one step per sample
+    assert all(0 <= m.value <= 100 for m in cpu) and max(m.value for m in cpu) > 0
+    # The run stays RUNNING until evaluate, but sampling ended with the train stage's logger.
+    assert client.get_run(runs[True]).info.status == "RUNNING"
+    time.sleep(1.0)
+    assert system_metric_steps(client, runs[True]) == on
+    assert system_metric_steps(client, runs[False]) == {}
+
+    # The evaluate stage's model publisher samples too, continuing the run's steps.
+    done = run_stage(tmp_path / "on", "evaluate")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "on/models/logged_models.json").read_text())
+    assert record["model_uri"] and record["serving_model_uri"] and record["not_logged"] == []
+    assert client.get_run(runs[True]).info.status == "FINISHED"
+    cpu = client.get_metric_history(runs[True], "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == list(range(len(cpu)))
+    assert len(cpu) > on["system/cpu_utilization_percentage"]
+
+
+def test_system_metrics_log_the_last_sample_of_a_run_shorter_than_the_interval(
+    store: str,
+) -> None:
+    # MLflow's monitor drops the samples of its unfinished interval when it stops
+    from imgcls.tracking.sysmetrics import start_system_metrics
+
+    run = Run.start(TrackingConfig(uri=store))
+    monitor = start_system_metrics(run.uri, run.run_id)
+    assert monitor is not None
+    monitor.stop()
+    monitor.stop()  # idempotent: the logger stops it on close and again on the way out
+    steps = system_metric_steps(run.client, run.run_id)
+    assert steps["system/cpu_utilization_percentage"] == 1, steps

@@ -364,6 +364,7 @@ class TrackingConfig(Strict):
     log_model: bool = True
     # evaluated models become versions of this registered model, alias `challenger`; null: off
     register_model: str | None = "imgcls"
+    system_metrics: bool = True  # CPU / memory / GPU utilisation sampled into each run
 
 
 # --------------------------------------------------------------------------- tune

@@ -104,10 +104,16 @@ def log_report(run: tracking.Run, paths: EvaluatePaths, report: Report) -> None:
 
 def run_evaluate_stage(paths: EvaluatePaths, params: Params) -> Report:
     """Evaluate, write the outputs, log report and models to the train run, then close it."""
+    # First: its child process gets model logging ready while this one evaluates.
+    publisher = publish.start_publisher(
+        paths.run_file, params.tracking.log_model, params.tracking.system_metrics
+    )
     run = tracking.resume_run(paths.run_file)  # None when tracking was off for train
     try:
         report, clf, meta, data = evaluate_model(paths, params)
     except BaseException:
+        if publisher is not None:
+            publisher.close()
         if run is not None:
             run.end("FAILED")
         raise
@@ -119,9 +125,13 @@ def run_evaluate_stage(paths: EvaluatePaths, params: Params) -> Report:
         if params.tracking.log_model:
             # After the evaluation succeeded and its metrics are on the run: the registry then
             # never holds a model whose evaluation failed.
-            record = publish.log_models(
+            log_models = publisher.publish if publisher is not None else publish.log_models
+            record = log_models(
                 run, paths.model, clf, meta, data.images, params.tracking.register_model
             )
+    if publisher is not None:
+        publisher.close()  # after the models: it also sampled system metrics until now
+    if run is not None:
         run.end("FINISHED")
         run.warn_not_logged("evaluate")
         record["not_logged"] = list(run.not_logged)  # everything this stage could not log

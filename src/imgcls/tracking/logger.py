@@ -7,9 +7,15 @@ imports leave idle; it runs at a low priority, so during training it only gets C
 training leaves unused. The train process never imports mlflow: each call is a typed message
 (:mod:`imgcls.tracking.messages`) pickled onto a pipe, applied in order.
 
-It forwards metrics, params, tags, dicts, images and artifacts; models are logged by the
+It forwards metrics, params, tags, dicts, images and artifacts, and samples the machine's
+system metrics into the run (:mod:`imgcls.tracking.sysmetrics`, unless
+`tracking.system_metrics: false`) until the train stage closes it; models are logged by the
 evaluate stage, on the same run, once they have been evaluated. A resumed training continues
 the run its checkpoint names (:meth:`RunProcess.begin`): one run holds every epoch.
+
+Long because the two ends of one pipe protocol (the train stage's handle and the logger's loop)
+are easier to check against each other side by side; the messages themselves are in their own
+module.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from imgcls.tracking.messages import (
 )
 from imgcls.tracking.run import warn_not_logged
 from imgcls.tracking.store import TrackingError, flatten, pipeline_tags, probe, resolve_uri
+from imgcls.tracking.sysmetrics import SystemMetrics, start_system_metrics
 
 log = logging.getLogger("imgcls.tracking")
 
@@ -260,6 +267,7 @@ def logger_main(fd: int) -> None:
     setup_logging()
     conn = Connection(fd)
     run: Run | None = None
+    monitor: SystemMetrics | None = None
     try:
         opening: Open = conn.recv()
         try:
@@ -277,14 +285,21 @@ def logger_main(fd: int) -> None:
             conn.send(Failed(_start_failure(err)))
             return
         conn.send(Started(run.run_id))
+        if opening.cfg.system_metrics:  # samples the machine from a thread of this process
+            monitor = start_system_metrics(run.uri, run.run_id, resume=begin.resumed_from > 0)
         while not isinstance(message := conn.recv(), Close):
             _apply(run, message)
+        if monitor is not None:  # before Done: the train stage waits for the last sample
+            monitor.stop()
         conn.send(Done(run.not_logged))
     # The train process died without closing (mid-message when killed while its sender wrote:
     # OSError "end of file during message"): don't leave the run RUNNING.
     except (EOFError, OSError):
         if run is not None:
             run.end("FAILED")  # a resumed training reopens it
+    finally:  # whatever ended the loop, the sampling thread ends with it (stop is idempotent)
+        if monitor is not None:
+            monitor.stop()
 
 
 def _apply(run: Any, call: Call) -> None:
