@@ -142,7 +142,7 @@ def test_compare_two_dvc_experiments_agrees_with_their_metrics(tmp_path: Path) -
     # the per-epoch curve has one point per epoch: evaluate's val numbers have their own keys
     history = client.get_metric_history(runs["exp2"], "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3]
-    assert "eval_val_accuracy" in client.get_run(runs["exp2"]).data.metrics
+    assert "valsplit_accuracy" in client.get_run(runs["exp2"]).data.metrics
 
     out = sh("imgcls", "compare", "exp1", "exp2", cwd=root).stdout
     folder = root / "reports/compare/exp1_vs_exp2"

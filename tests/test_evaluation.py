@@ -95,9 +95,9 @@ def test_val_split_is_prefixed_and_mlflow_keys_name_their_split() -> None:
     tracked = mlflow_metrics(flat, ["rock", "paper", "scissors"])
     # per-class keys group under one "/" prefix (one chart section in MLflow's UI); val's numbers
     # never reuse the per-epoch curves' keys (`val_accuracy` would gain a stray step-0 point)
-    assert tracked["test_f1_per_class/rock"] == tracked["eval_val_f1_per_class/rock"]
+    assert tracked["test_f1_per_class/rock"] == tracked["valsplit_f1_per_class/rock"]
     assert tracked["test_support_per_class/paper"] == m["support_paper"]
-    assert tracked["test_accuracy"] == tracked["eval_val_accuracy"] == m["accuracy"]
+    assert tracked["test_accuracy"] == tracked["valsplit_accuracy"] == m["accuracy"]
     assert tracked["test_f1_macro"] == m["f1_macro"] and "test_f1_per_class/macro" not in tracked
     assert not any(k.startswith("val_") or k.startswith("f1_") for k in tracked)
     assert len(tracked) == len(flat)  # a renaming, nothing merged
@@ -363,7 +363,7 @@ def test_stage_logs_and_registers_the_model_after_evaluating_it(
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.metrics["test_accuracy"] == pytest.approx(report.metrics["accuracy"])
-    assert not any(k.startswith("val_") for k in got.data.metrics)  # evaluate's are eval_val_*
+    assert not any(k.startswith("val_") for k in got.data.metrics)  # evaluate's are valsplit_*
     # the key figures at the artifact root (MLflow's compare view lines up only root files)
     root_files = {a.path for a in client.list_artifacts(run.run_id) if not a.is_dir}
     assert set(ROOT_FIGURES) <= root_files

@@ -192,13 +192,15 @@ def headline_metrics(flat: dict[str, Any]) -> dict[str, Any]:
 # a few folded sections (`test_f1_per_class`, ...) instead of 200 rows among the headline keys.
 PER_CLASS_STEMS = ("precision", "recall", "f1", "support", "threshold", "average_precision")
 # The evaluated val numbers get their own prefix: the train stage logs `val_accuracy` & co. once
-# per epoch, and a final value at step 0 would add a stray point to those curves.
-EVAL_VAL_PREFIX = "eval_val_"
+# per epoch, and a final value at step 0 would add a stray point to those curves. The prefix also
+# sorts after `test_`: MLflow lists metrics alphabetically (the compare view renders the first
+# rows only), so the test numbers come before 50 classes' worth of val numbers.
+EVAL_VAL_PREFIX = "valsplit_"
 
 
 def mlflow_key(key: str, classes: Sequence[str] = ()) -> str:
     """A flat key as a run metric: `accuracy` -> `test_accuracy`, `val_accuracy` ->
-    `eval_val_accuracy`, `f1_rock` -> `test_f1_per_class/rock` (see PER_CLASS_STEMS)."""
+    `valsplit_accuracy`, `f1_rock` -> `test_f1_per_class/rock` (see PER_CLASS_STEMS)."""
     split, rest = "test", key
     for other in ("val", "train"):
         if key.startswith(f"{other}_"):
