@@ -191,10 +191,8 @@ def headline_metrics(flat: dict[str, Any]) -> dict[str, Any]:
 # <class>`, because the UI makes one chart section per prefix before a "/": 50 classes then fill
 # a few folded sections (`test_f1_per_class`, ...) instead of 200 rows among the headline keys.
 PER_CLASS_STEMS = ("precision", "recall", "f1", "support", "threshold", "average_precision")
-# The evaluated val numbers get their own prefix: the train stage logs `val_accuracy` & co. once
-# per epoch, and a final value at step 0 would add a stray point to those curves. The prefix also
-# sorts after `test_`: MLflow lists metrics alphabetically (the compare view renders the first
-# rows only), so the test numbers come before 50 classes' worth of val numbers.
+# The evaluated val numbers get their own prefix (not `val_*`, the per-epoch curves' keys), one
+# that sorts after `test_`: MLflow's compare view renders the first metric rows only.
 EVAL_VAL_PREFIX = "valsplit_"
 
 
