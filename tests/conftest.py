@@ -26,6 +26,20 @@ def _no_leaked_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+@pytest.fixture(autouse=True)
+def _pillow_pixel_limit_restored():
+    """Undo `imageinfo.open_image`'s process-wide `Image.MAX_IMAGE_PIXELS` after each test.
+
+    A test that decodes with a tiny limit must not make a later test in the same worker refuse
+    its own screenshot as a decompression bomb.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = saved
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models train fastest on one torch thread, above all on a shared, loaded 2-core box."""
