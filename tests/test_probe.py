@@ -19,12 +19,14 @@ from imgcls.training.probe import (
     candidates,
     choose,
     cpu_cores,
+    min_train_s,
     probe_budget,
     resolve_auto,
 )
 from imgcls.training.setup import make_optimizer
 
 CPU = torch.device("cpu")
+ENV = "IMGCLS_PROBE_MIN_TRAIN_S"
 
 
 def _cnn() -> nn.Module:
@@ -84,7 +86,10 @@ def test_choose_keeps_the_default_unless_clearly_faster() -> None:
     assert probe_budget(10.0) == 0.5 and probe_budget(1e5) == 2.5
 
 
-def test_probe_measures_caches_and_leaves_torch_as_it_was(tmp_path: Path) -> None:
+def test_probe_measures_caches_and_leaves_torch_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV, "0")  # a 20-step training is measured all the same
     cfg = TrainConfig(precision="auto", channels_last="auto", cpu_threads="auto", epochs=2)
     model = _cnn()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -110,6 +115,29 @@ def test_probe_measures_caches_and_leaves_torch_as_it_was(tmp_path: Path) -> Non
     _resolve(cfg, nn.Sequential(_cnn(), nn.Linear(3, 3)), tmp_path / "probe")
     assert len(list((tmp_path / "probe").glob("*.json"))) == 2  # another model, another key
     assert ProbeResult.from_dict(result.to_dict()) == result
+
+
+def test_a_short_training_keeps_the_default_unmeasured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One timed step of the default estimates the training; under the limit nothing else runs."""
+    monkeypatch.delenv(ENV, raising=False)
+    cfg = TrainConfig(precision="auto", channels_last="auto", cpu_threads="auto")
+    resolved, result = _resolve(cfg, _cnn(), tmp_path / "probe", train_steps=20)
+    assert result is not None and result.source == "skipped"
+    assert result.choice == candidates(cfg, CPU, _cnn())[0]  # fp32 / NCHW / one per core
+    assert list(result.step_ms) == [result.choice.label]  # the default alone was timed
+    assert result.estimated_train_s is not None and result.estimated_train_s < min_train_s()
+    assert "too short to repay" in result.line() and result.params()["probe.source"] == "skipped"
+    assert resolved.precision == "fp32" and resolved.channels_last is False
+    assert not (tmp_path / "probe").exists()  # not cached: a longer training still measures
+    # a long training (by its step count) is measured; so is any with the limit at 0
+    _, long = _resolve(cfg, _cnn(), None, train_steps=10**7)
+    assert long is not None and long.source == "measured" and len(long.step_ms) > 1
+    monkeypatch.setenv(ENV, "0")
+    assert _resolve(cfg, _cnn(), None, train_steps=20)[1].source == "measured"
+    monkeypatch.setenv(ENV, "soon")
+    assert min_train_s() == 30.0  # not a number: the default limit, with a warning
 
 
 def test_nothing_is_measured_when_deterministic_or_fixed(tmp_path: Path) -> None:
@@ -156,8 +184,9 @@ def test_numerically_unsafe_precision_is_rejected() -> None:
     assert "bf16/nchw/1t" in result.rejected and "vs fp32" in result.rejected["bf16/nchw/1t"]
 
 
-def test_train_stage_logs_probe_and_timing(tmp_path: Path) -> None:
+def test_train_stage_logs_probe_and_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stage: probe choice in the run's params, every part's seconds in details + run."""
+    monkeypatch.setenv(ENV, "0")  # the stage inherits it: this tiny training is measured
     db = tmp_path / "mlflow.db"
     train_project(
         tmp_path,
@@ -201,8 +230,11 @@ def test_train_stage_logs_probe_and_timing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_take_rank_zeros_choice(tmp_path: Path) -> None:
+def test_torchrun_ranks_take_rank_zeros_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under torchrun rank 0 probes once and every rank trains with its choice."""
+    monkeypatch.setenv(ENV, "0")
     train_project(
         tmp_path,
         {"name": "simple_cnn", "kwargs": {"widths": [8, 16]}},

@@ -8,7 +8,9 @@ candidate alike, and keeps the fastest one whose loss stays close to fp32's on t
 A candidate other than the default (fp32 / NCHW / N threads on CPU, bf16 / NHWC on CUDA) must
 beat the default by :data:`MARGIN`, so noise alone never flips the choice. The result is cached
 per CPU (model name + flags) or GPU, torch version, model and batch shape, so later runs skip the
-probe. It decides on the machine at hand, as loaded as it is at that moment.
+probe. It decides on the machine at hand, as loaded as it is at that moment. A training too short
+to repay the probe (estimated from one timed step of the default, under :func:`min_train_s`)
+keeps the default without measuring the rest, and that is not cached.
 
 Long because candidates, timing, the numerical check, the choice and the cache are one
 mechanism whose parts share its constants; apart, each would be a few lines of glue.
@@ -52,6 +54,11 @@ WARMUP_DROP_FACTOR = 3.0
 # Per stage (threads, then precision x layout), timed rounds stop once this is spent: a share of
 # the training's estimated time (steps x the fastest step so far), between the two bounds.
 BUDGET_SHARE, BUDGET_MIN_S, BUDGET_MAX_S = 0.01, 0.5, 2.5
+# The whole probe costs ~1.5-3 s (copies, warm-ups, two staged rounds); the fastest candidate
+# typically beats the default by 0-30 %. Below this estimated training length the expected gain
+# is smaller than that cost (the default pipeline trains ~9 s), so the default is kept.
+MIN_TRAIN_S = 30.0
+MIN_TRAIN_ENV = "IMGCLS_PROBE_MIN_TRAIN_S"  # overrides MIN_TRAIN_S; 0 always probes
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,14 +89,21 @@ class ProbeResult:
     seconds: float = 0.0  # the probe's own cost in this process (0 from the cache)
     measured_s: float = 0.0  # what measuring cost when it was measured
     key: str = ""
+    estimated_train_s: float | None = None  # set when skipped: the training's estimated length
 
     def line(self) -> str:
         """One log line: the choice, then every candidate's median step time."""
         figures = ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.step_ms.items()))
         rejected = "".join(f"; {k} rejected: {v}" for k, v in sorted(self.rejected.items()))
+        why = ""
+        if self.source == "skipped":
+            why = (
+                f" (the default: training estimated at {self.estimated_train_s:.0f}s, under"
+                f" {min_train_s():.0f}s, too short to repay measuring the others)"
+            )
         return (
             f"train settings probe ({self.source}, {self.seconds:.1f}s): {self.choice.label}"
-            f" — ms/step: {figures}{rejected}"
+            f"{why} — ms/step: {figures}{rejected}"
         )
 
     def params(self) -> dict[str, Any]:
@@ -314,6 +328,16 @@ def measure(
     return step_ms, rejected
 
 
+def min_train_s() -> float:
+    """Estimated training seconds below which the probe keeps the default unmeasured."""
+    raw = os.environ.get(MIN_TRAIN_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else MIN_TRAIN_S
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %s", MIN_TRAIN_ENV, raw, MIN_TRAIN_S)
+        return MIN_TRAIN_S
+
+
 def probe_budget(train_s: float) -> float:
     """Seconds one probe stage may spend on a training estimated to take `train_s`."""
     return min(BUDGET_MAX_S, max(BUDGET_MIN_S, BUDGET_SHARE * train_s))
@@ -391,7 +415,8 @@ def resolve_auto(
     Nothing is measured (and `auto` keeps its fixed meaning, see :func:`make_runtime`) when no
     setting is auto, with `train.deterministic` (a timing must not change the numbers), on
     devices other than CPU and CUDA, or when there is a single candidate. `train_steps` (the
-    training's optimiser steps) scales the probe's time budget to the training's length.
+    training's optimiser steps) scales the probe's time budget to the training's length, and a
+    training estimated under :func:`min_train_s` keeps the default (source `skipped`).
     """
     if not auto_keys(cfg) or cfg.deterministic or device.type not in ("cpu", "cuda"):
         return cfg, None
@@ -402,27 +427,34 @@ def resolve_auto(
     path = cache_dir / f"{key}.json" if cache_dir is not None else None
     result = _read_cache(path)
     if result is None:
+
+        def run(cs: list[Candidate], drop: bool) -> tuple[dict[str, float], dict[str, str]]:
+            return measure(
+                model,
+                prep,
+                loss_fn,
+                batch,
+                device,
+                cs,
+                make_optimizer,
+                train_steps=train_steps,
+                warmup_drop=drop,
+            )
+
         t0 = time.perf_counter()
         saved_threads = torch.get_num_threads()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                choice, step_ms, rejected = _staged(
-                    cands,
-                    lambda c, drop: measure(
-                        model,
-                        prep,
-                        loss_fn,
-                        batch,
-                        device,
-                        c,
-                        make_optimizer,
-                        train_steps=train_steps,
-                        warmup_drop=drop,
-                    ),
-                )
+                result = _skip_if_short(cands, train_steps, run)
+                if result is None:
+                    choice, step_ms, rejected = _staged(cands, run)
         finally:
             torch.set_num_threads(saved_threads)
         seconds = round(time.perf_counter() - t0, 2)
+        if result is not None:  # skipped: not cached, a longer training measures
+            result.seconds = result.measured_s = seconds
+            result.key = key
+            return apply_choice(cfg, result.choice), result
         result = ProbeResult(choice, "measured", step_ms, rejected, seconds, seconds, key)
         if path is not None:
             write_json(path, result.to_dict())
@@ -430,6 +462,22 @@ def resolve_auto(
 
 
 Measure = Callable[[list[Candidate], bool], tuple[dict[str, float], dict[str, str]]]
+
+
+def _skip_if_short(
+    cands: list[Candidate], train_steps: int | None, measure_: Measure
+) -> ProbeResult | None:
+    """The default, unmeasured further, when one timed step says the training is too short."""
+    limit = min_train_s()
+    if not train_steps or limit <= 0:
+        return None
+    step_ms, rejected = measure_(cands[:1], False)
+    if cands[0].label not in step_ms:  # the default failed: the others must be measured
+        return None
+    estimate = train_steps * step_ms[cands[0].label] / 1000
+    if estimate >= limit:
+        return None
+    return ProbeResult(cands[0], "skipped", step_ms, rejected, estimated_train_s=round(estimate, 1))
 
 
 def _staged(
