@@ -226,6 +226,10 @@ class ModelConfig(Strict):
     # auto = multilabel when data.multi_label is true, else softmax.
     head: Literal["auto", "softmax", "binary", "multilabel"] = "auto"
     positive_class: str | None = None  # binary: the "yes" class (default: 2nd in sorted order)
+    # Test-time augmentation, built into the model file (evaluate, predict, serving, exports):
+    # hflip averages the logits of each image and its mirror image. Only where a mirror keeps
+    # the label (clothes, hands; not digits or text); it doubles the cost of a prediction.
+    tta: Literal["none", "hflip"] = "none"
 
 
 # --------------------------------------------------------------------------- augment

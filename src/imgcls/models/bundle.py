@@ -63,21 +63,38 @@ class ImageClassifier(nn.Module):
     """uint8 images (B, H, W, C) -> class probabilities (B, K); preprocessing built in.
 
     Probabilities per task (imgcls.task): softmax, `[1 - p, p]` for a binary head, or one
-    independent sigmoid per label for multi-label.
+    independent sigmoid per label for multi-label. With `tta="hflip"` the logits are the mean
+    of the image's and its mirror image's (`model.tta`).
     """
 
+    tta = "none"  # the class default: instances pickled into MLflow before `tta` existed lack it
+
     def __init__(
-        self, net: nn.Module, mean: list[float], std: list[float], task: Task = "multiclass"
+        self,
+        net: nn.Module,
+        mean: list[float],
+        std: list[float],
+        task: Task = "multiclass",
+        tta: str = "none",
     ) -> None:
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ModelError(f"test-time augmentation {tta!r} unknown; one of {TTA_MODES}")
         self.net = net
         self.prep = Preprocess(mean, std)
         self.task: Task = task
+        self.tta = tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8 -> (B, K) float32 probabilities."""
-        x = images.permute(0, 3, 1, 2)  # (B, C, H, W)
-        return probs_from_logits(self.task, self.net(self.prep(x)))
+        x = self.prep(images.permute(0, 3, 1, 2))  # (B, C, H, W)
+        logits = self.net(x)
+        if self.tta == "hflip":
+            logits = (logits + self.net(x.flip(-1))) / 2
+        return probs_from_logits(self.task, logits)
+
+
+TTA_MODES = ("none", "hflip")  # model.tta's values (imgcls.config.ModelConfig)
 
 
 # What one request / one image may cost the model's users (`imgcls predict`, the serving
@@ -157,5 +174,8 @@ def load_bundle(path: Path | str) -> tuple[ImageClassifier, dict[str, Any]]:
         **meta.get("model_kwargs", {}),
     )
     net.load_state_dict(payload["state_dict"])
-    clf = ImageClassifier(net, meta["mean"], meta["std"], task).eval()
+    tta = meta.get("tta", "none")  # files written before model.tta have none
+    if tta not in TTA_MODES:
+        raise ModelError(f"{path}: metadata tta {tta!r} unknown; one of {TTA_MODES}")
+    clf = ImageClassifier(net, meta["mean"], meta["std"], task, tta).eval()
     return clf, meta

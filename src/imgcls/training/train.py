@@ -216,6 +216,7 @@ def train_model(
         "thresholds": thresholds,  # binary / multilabel decision thresholds, tuned on val
         "threshold_metric": cfg.threshold_metric if thresholds else None,
         "image_size": cfg.image_size,
+        "tta": params.model.tta,  # applied by every user of the file (ImageClassifier)
         "channels": data.channels,
         "mean": mean,
         "std": std,
