@@ -181,7 +181,7 @@ def predict_logits(
         with rt.autocast():
             logits = model(prep(rt.to_device(x)))
         outs.append(logits.float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())  # a split held on the GPU yields labels there too
     if not outs:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
