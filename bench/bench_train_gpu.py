@@ -10,7 +10,8 @@ warm-up, excluded) and mean GPU utilisation sampled with nvidia-smi:
            albumentations pipeline (RandomResizedCrop + HorizontalFlip), pinned memory
 
 Run on a GPU via `bench/gpu_check.sh`; smoke-test on CPU with
-`.venv/bin/python bench/bench_train_gpu.py --device cpu --images 64 --size 32 --batch 16`.
+`PYTHONPATH=src .venv/bin/python bench/bench_train_gpu.py --device cpu --images 64 --size 32
+--batch 16 --epochs 2 --precision fp32`. `--md` writes the table bench/RESULTS.md keeps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ from imgcls.data.augment import build_transform
 from imgcls.data.dataset import channel_stats, decode_images
 from imgcls.models import create_model
 from imgcls.models.bundle import Preprocess
+from imgcls.training.batches import auto_workers
 from imgcls.training.setup import make_runtime, select_device
 from imgcls.training.trainer import FitConfig, fit
 
@@ -187,6 +190,46 @@ def run_raw(name, images, labels, cfg, in_chans, sampler) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_table(report: dict) -> str:
+    """The figures as the Markdown table bench/RESULTS.md keeps (plus one line of context)."""
+
+    def util(row: dict) -> str:
+        return "–" if row.get("gpu_util_pct") is None else f"{row['gpu_util_pct']:.0f} %"
+
+    raw, mem, aug = report["raw"], report["memory"], report["augment"]
+    lines = [
+        f"{report['device']}, torch {report['torch']}, {report['cpus']} CPUs ({report['cpu']}); "
+        f"{report['model']} {report['size']} px, {report['images']} images, batch "
+        f"{report['batch']}, {report['epochs']} epochs (median of epochs 2+), "
+        f"{report['precision']} + channels_last, DataLoader workers {report['workers']}",
+        "",
+        "| variant | img/s | GPU util | ratio |",
+        "|---|---|---|---|",
+        f"| raw hand loop, tensors on GPU | {raw['images_per_s']:.0f} | {util(raw)} | – |",
+        f"| `fit()`, in-memory tensors | {mem['images_per_s']:.0f} | {util(mem)} "
+        f"| engine/raw {report['engine_over_raw']:.3f} |",
+        f"| `fit()`, cache + augmentation | {aug['images_per_s']:.0f} | {util(aug)} "
+        f"| augment/memory {report['augment_over_memory']:.3f} (target >= 0.9) |",
+    ]
+    if "memory_compiled" in report:
+        comp = report["memory_compiled"]
+        lines.append(
+            f"| `fit()`, in-memory, torch.compile | {comp['images_per_s']:.0f} | {util(comp)} | – |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Build the data, run the three variants, print and save the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,6 +244,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the JPEGs and cache go")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imgcls-gpu-"))
@@ -243,6 +287,10 @@ def main() -> None:
         "precision": args.precision,
         "channels_last": True,
         "cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "workers": workers
+        if workers != "auto"
+        else f"auto = {auto_workers(torch.device(args.device))}",
         "generate_jpegs_s": round(gen_s, 1),
         "decode_to_cache_img_s": round(args.images / decode_s, 1),
     }
@@ -275,6 +323,11 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    print(table)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(table)
     ok = report["augment_over_memory"] >= 0.9
     print(f"cache+augmentation / in-memory = {report['augment_over_memory']:.3f} (target >= 0.9)")
     sys.exit(0 if ok or args.device != "cuda" else 2)
