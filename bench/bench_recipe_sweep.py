@@ -181,6 +181,26 @@ def count_macs(model: Any, in_chans: int, size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- one run (child)
 
 
+def patch_cuda_val_labels() -> None:
+    """Work around imgcls.training.loop.predict_logits on CUDA (src bug, reported in issue 19).
+
+    In-memory val batches keep their labels on the GPU, and predict_logits calls `.numpy()` on
+    them, which fails ("can't convert cuda:0 device type tensor to numpy"): every fit() on CUDA
+    stops after its first epoch. The labels are moved to the CPU before it sees them.
+    """
+    from imgcls.training import loop, trainer
+
+    original = loop.predict_logits
+    if getattr(trainer.predict_logits, "_cpu_labels", False):
+        return
+
+    def predict_logits(model, prep, batches, rt):
+        return original(model, prep, ((x, y.cpu()) for x, y in batches), rt)
+
+    predict_logits._cpu_labels = True
+    trainer.predict_logits = predict_logits
+
+
 def run_one(spec: dict) -> dict:
     """Train one variant / seed through train_model, then score the test set plain and with TTA."""
     import torch
@@ -191,6 +211,7 @@ def run_one(spec: dict) -> dict:
     from imgcls.models.bundle import Preprocess
     from imgcls.training.train import train_model
 
+    patch_cuda_val_labels()
     t_start = time.perf_counter()
     work, seed = Path(spec["data"]), int(spec["seed"])
     raw = recipe_raw(REPO)
@@ -224,7 +245,24 @@ def run_one(spec: dict) -> dict:
         key=f"fashion-idx-{len(pool_y)}-seed{seed}",
     )
     t_train = time.perf_counter()
-    result, meta = train_model(params, data, checkpoint_path=None, progress=False)
+    progress_path = Path(spec["result"]).with_suffix(".progress.json")
+    epochs_seen: list[dict] = []
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        """After every epoch: what a run stopped at --hard-s still reports."""
+        epochs_seen.append(
+            {
+                "epoch": epoch,
+                "val_acc": round(row.get("val_accuracy", float("nan")), 4),
+                "epoch_s": round(row["epoch_time_s"], 2),
+                "elapsed_s": round(time.perf_counter() - t_train, 1),
+            }
+        )
+        progress_path.write_text(json.dumps(epochs_seen))
+
+    result, meta = train_model(
+        params, data, checkpoint_path=None, progress=False, on_epoch_end=on_epoch
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     train_wall = time.perf_counter() - t_train
@@ -397,6 +435,7 @@ def sweep(args: argparse.Namespace) -> None:
     running: dict[subprocess.Popen, tuple[str, int, float, Path, Path]] = {}
     per_epoch: list[float] = []  # wall s per epoch of finished runs (at this concurrency)
     startup: list[float] = []
+    failures = 0
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
     while queue or running:
         now = time.monotonic() - t0
@@ -439,9 +478,14 @@ def sweep(args: argparse.Namespace) -> None:
             if proc.poll() is None and now < args.hard_s:
                 continue
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, 9)  # the DataLoader workers too
                 proc.wait()
-                log(out, f"killed {variant} seed {seed} at --hard-s")
+                progress = result_path.with_suffix(".progress.json")
+                seen = json.loads(progress.read_text()) if progress.exists() else []
+                log(out, f"killed {variant} seed {seed} at --hard-s after epochs {seen}")
+                with open(out / "results.jsonl", "a") as fh:
+                    partial = {"variant": variant, "seed": seed, "killed": True, "epochs": seen}
+                    fh.write(json.dumps(partial) + "\n")
             del running[proc]
             took = time.monotonic() - started
             if proc.returncode == 0 and result_path.exists():
@@ -462,6 +506,10 @@ def sweep(args: argparse.Namespace) -> None:
             elif proc.returncode != -9:
                 tail = log_path.read_text()[-1500:] if log_path.exists() else ""
                 log(out, f"FAILED {variant} seed {seed} rc={proc.returncode}:\n{tail}")
+                failures += 1
+                if failures >= args.parallel and not rows:
+                    log(out, "every run so far failed: stopping the sweep")
+                    queue.clear()
         if now >= args.hard_s and queue:
             log(out, f"--hard-s reached: {len(queue)} queued runs not started")
             queue.clear()
