@@ -17,11 +17,13 @@ Run on a GPU via `bench/gpu_check.sh`; smoke-test on CPU with
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -138,6 +140,12 @@ class GpuSampler:
             self.proc.terminate()
 
 
+def _epoch_done(stamps: list[float], epoch: int, row: dict) -> None:
+    """Stamp the epoch's end and say how fast it was (a stalled variant shows where it stalled)."""
+    stamps.append(time.monotonic())
+    print(f"  epoch {epoch}: {row['images_per_s']:.0f} img/s", flush=True)
+
+
 def run_fit(name, images, labels, transform, cfg, in_chans, sampler) -> dict:
     """Train with the engine; steady-state images/s and GPU utilisation after epoch 1."""
     mean, std = channel_stats(images)
@@ -155,7 +163,7 @@ def run_fit(name, images, labels, transform, cfg, in_chans, sampler) -> dict:
             cfg,
             seed=0,
             transform=transform,
-            on_epoch_end=lambda e, row: stamps.append(time.monotonic()),
+            on_epoch_end=lambda e, row: _epoch_done(stamps, e, row),
             progress=False,
         ),
     )
@@ -227,7 +235,13 @@ def markdown_table(report: dict) -> str:
     def util(row: dict) -> str:
         return "–" if row.get("gpu_util_pct") is None else f"{row['gpu_util_pct']:.0f} %"
 
-    raw, mem, aug = report["raw"], report["memory"], report["augment"]
+    def rate(row: dict) -> str:
+        return f"{row['images_per_s']:.0f}" if "images_per_s" in row else "not finished"
+
+    def ratio(key: str) -> str:
+        return f"{report[key]:.3f}" if key in report else "–"
+
+    raw, mem, aug = (report.get(k, {}) for k in ("raw", "memory", "augment"))
     lines = [
         f"{report['device']}, torch {report['torch']}, {report['cpus']} CPUs ({report['cpu']}); "
         f"{report['model']} {report['size']} px, {report['images']} images, batch "
@@ -236,18 +250,32 @@ def markdown_table(report: dict) -> str:
         "",
         "| variant | img/s | GPU util | ratio |",
         "|---|---|---|---|",
-        f"| raw hand loop, tensors on GPU | {raw['images_per_s']:.0f} | {util(raw)} | – |",
-        f"| `fit()`, in-memory tensors | {mem['images_per_s']:.0f} | {util(mem)} "
-        f"| engine/raw {report['engine_over_raw']:.3f} |",
-        f"| `fit()`, cache + augmentation | {aug['images_per_s']:.0f} | {util(aug)} "
-        f"| augment/memory {report['augment_over_memory']:.3f} (target >= 0.9) |",
+        f"| raw hand loop, tensors on GPU | {rate(raw)} | {util(raw)} | – |",
+        f"| `fit()`, in-memory tensors | {rate(mem)} | {util(mem)} "
+        f"| engine/raw {ratio('engine_over_raw')} |",
+        f"| `fit()`, cache + augmentation | {rate(aug)} | {util(aug)} "
+        f"| augment/memory {ratio('augment_over_memory')} (target >= 0.9) |",
     ]
     if "memory_compiled" in report:
         comp = report["memory_compiled"]
-        lines.append(
-            f"| `fit()`, in-memory, torch.compile | {comp['images_per_s']:.0f} | {util(comp)} | – |"
-        )
+        lines.append(f"| `fit()`, in-memory, torch.compile | {rate(comp)} | {util(comp)} | – |")
     return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path | None, md: Path | None) -> None:
+    """Write the figures so far (after every variant: a later stall still leaves these)."""
+    if "raw" in report and "memory" in report:
+        report["engine_over_raw"] = round(
+            report["memory"]["images_per_s"] / report["raw"]["images_per_s"], 3
+        )
+    if "memory" in report and "augment" in report:
+        report["augment_over_memory"] = round(
+            report["augment"]["images_per_s"] / report["memory"]["images_per_s"], 3
+        )
+    for path, text in ((out, json.dumps(report, indent=2) + "\n"), (md, markdown_table(report))):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
 
 def main() -> None:
@@ -267,6 +295,8 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
     args = ap.parse_args()
     patch_cuda_val_labels()
+    # Stopped by gpu_check.sh's timeout: say where every thread was (timeout -k kills after).
+    faulthandler.register(signal.SIGTERM, all_threads=True)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imgcls-gpu-"))
     t0 = time.perf_counter()
@@ -320,8 +350,10 @@ def main() -> None:
         in_memory = np.ascontiguousarray(np.asarray(images))  # (N, S, S, 3) uint8 in RAM
         report["raw"] = run_raw(args.model, in_memory, labels, cfg, 3, sampler)
         print("raw", report["raw"], flush=True)
+        save(report, args.out, args.md)
         report["memory"] = run_fit(args.model, in_memory, labels, None, cfg, 3, sampler)
         print("memory", report["memory"], flush=True)
+        save(report, args.out, args.md)
         report["augment"] = run_fit(args.model, images, labels, augment, cfg, 3, sampler)
         print("augment", report["augment"], flush=True)
         if args.compile:
@@ -334,21 +366,9 @@ def main() -> None:
         sampler.stop()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report["engine_over_raw"] = round(
-        report["memory"]["images_per_s"] / report["raw"]["images_per_s"], 3
-    )
-    report["augment_over_memory"] = round(
-        report["augment"]["images_per_s"] / report["memory"]["images_per_s"], 3
-    )
+    save(report, args.out, args.md)
     print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(report)
-    print(table)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(table)
+    print(markdown_table(report))
     ok = report["augment_over_memory"] >= 0.9
     print(f"cache+augmentation / in-memory = {report['augment_over_memory']:.3f} (target >= 0.9)")
     sys.exit(0 if ok or args.device != "cuda" else 2)

@@ -38,10 +38,13 @@ if ! err=$("$PY" -c "import imgcls.training.trainer, imgcls.data.augment, imgcls
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# DataLoader workers hand batches over in /dev/shm: a small one there stalls the augment path.
+df -h /dev/shm 2>/dev/null | tail -1 || true
 
 extra=()
 [[ "${GPU_CHECK_COMPILE:-0}" == "1" ]] && extra+=(--compile)
-# The timeout keeps a stuck run inside the 5-minute budget (JPEGs + cache go to $TMPDIR).
-timeout "${GPU_CHECK_TIMEOUT:-240}" "$PY" bench/bench_train_gpu.py --device cuda --model resnet18 --size 224 \
+# The timeout keeps a stuck run inside the 5-minute budget (JPEGs + cache go to $TMPDIR); its
+# SIGTERM makes the benchmark print every thread's stack, and the figures so far are saved.
+timeout -k 15 "${GPU_CHECK_TIMEOUT:-240}" "$PY" bench/bench_train_gpu.py --device cuda --model resnet18 --size 224 \
   --images 8192 --batch 256 --epochs 4 --precision bf16 \
   --out "$OUT_DIR/gpu_check.json" --md "$OUT_DIR/gpu_check.md" "${extra[@]}" "$@"
