@@ -10,16 +10,20 @@ warm-up, excluded) and mean GPU utilisation sampled with nvidia-smi:
            albumentations pipeline (RandomResizedCrop + HorizontalFlip), pinned memory
 
 Run on a GPU via `bench/gpu_check.sh`; smoke-test on CPU with
-`.venv/bin/python bench/bench_train_gpu.py --device cpu --images 64 --size 32 --batch 16`.
+`PYTHONPATH=src .venv/bin/python bench/bench_train_gpu.py --device cpu --images 64 --size 32
+--batch 16 --epochs 2 --precision fp32`. `--md` writes the table bench/RESULTS.md keeps.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import os
+import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,8 +43,29 @@ from imgcls.data.augment import build_transform
 from imgcls.data.dataset import channel_stats, decode_images
 from imgcls.models import create_model
 from imgcls.models.bundle import Preprocess
+from imgcls.training.batches import auto_workers
 from imgcls.training.setup import make_runtime, select_device
 from imgcls.training.trainer import FitConfig, fit
+
+
+def patch_cuda_val_labels() -> None:
+    """Work around imgcls.training.loop.predict_logits on CUDA (src bug, reported in issue 19).
+
+    In-memory val batches keep their labels on the GPU, and predict_logits calls `.numpy()` on
+    them, which fails ("can't convert cuda:0 device type tensor to numpy"): every fit() on CUDA
+    stops after its first epoch. The labels are moved to the CPU before it sees them.
+    """
+    from imgcls.training import loop, trainer
+
+    original = loop.predict_logits
+    if getattr(trainer.predict_logits, "_cpu_labels", False):
+        return
+
+    def predict_logits(model, prep, batches, rt):
+        return original(model, prep, ((x, y.cpu()) for x, y in batches), rt)
+
+    predict_logits._cpu_labels = True
+    trainer.predict_logits = predict_logits
 
 
 def _write_chunk(args: tuple[str, int, int, int]) -> list[dict]:
@@ -115,6 +140,12 @@ class GpuSampler:
             self.proc.terminate()
 
 
+def _epoch_done(stamps: list[float], epoch: int, row: dict) -> None:
+    """Stamp the epoch's end and say how fast it was (a stalled variant shows where it stalled)."""
+    stamps.append(time.monotonic())
+    print(f"  epoch {epoch}: {row['images_per_s']:.0f} img/s", flush=True)
+
+
 def run_fit(name, images, labels, transform, cfg, in_chans, sampler) -> dict:
     """Train with the engine; steady-state images/s and GPU utilisation after epoch 1."""
     mean, std = channel_stats(images)
@@ -132,7 +163,7 @@ def run_fit(name, images, labels, transform, cfg, in_chans, sampler) -> dict:
             cfg,
             seed=0,
             transform=transform,
-            on_epoch_end=lambda e, row: stamps.append(time.monotonic()),
+            on_epoch_end=lambda e, row: _epoch_done(stamps, e, row),
             progress=False,
         ),
     )
@@ -187,6 +218,66 @@ def run_raw(name, images, labels, cfg, in_chans, sampler) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_table(report: dict) -> str:
+    """The figures as the Markdown table bench/RESULTS.md keeps (plus one line of context)."""
+
+    def util(row: dict) -> str:
+        return "–" if row.get("gpu_util_pct") is None else f"{row['gpu_util_pct']:.0f} %"
+
+    def rate(row: dict) -> str:
+        return f"{row['images_per_s']:.0f}" if "images_per_s" in row else "not finished"
+
+    def ratio(key: str) -> str:
+        return f"{report[key]:.3f}" if key in report else "–"
+
+    raw, mem, aug = (report.get(k, {}) for k in ("raw", "memory", "augment"))
+    lines = [
+        f"{report['device']}, torch {report['torch']}, {report['cpus']} CPUs ({report['cpu']}); "
+        f"{report['model']} {report['size']} px, {report['images']} images, batch "
+        f"{report['batch']}, {report['epochs']} epochs (median of epochs 2+), "
+        f"{report['precision']} + channels_last, DataLoader workers {report['workers']}",
+        "",
+        "| variant | img/s | GPU util | ratio |",
+        "|---|---|---|---|",
+        f"| raw hand loop, tensors on GPU | {rate(raw)} | {util(raw)} | – |",
+        f"| `fit()`, in-memory tensors | {rate(mem)} | {util(mem)} "
+        f"| engine/raw {ratio('engine_over_raw')} |",
+        f"| `fit()`, cache + augmentation | {rate(aug)} | {util(aug)} "
+        f"| augment/memory {ratio('augment_over_memory')} (target >= 0.9) |",
+    ]
+    if "memory_compiled" in report:
+        comp = report["memory_compiled"]
+        lines.append(f"| `fit()`, in-memory, torch.compile | {rate(comp)} | {util(comp)} | – |")
+    return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path | None, md: Path | None) -> None:
+    """Write the figures so far (after every variant: a later stall still leaves these)."""
+    if "raw" in report and "memory" in report:
+        report["engine_over_raw"] = round(
+            report["memory"]["images_per_s"] / report["raw"]["images_per_s"], 3
+        )
+    if "memory" in report and "augment" in report:
+        report["augment_over_memory"] = round(
+            report["augment"]["images_per_s"] / report["memory"]["images_per_s"], 3
+        )
+    for path, text in ((out, json.dumps(report, indent=2) + "\n"), (md, markdown_table(report))):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
 def main() -> None:
     """Build the data, run the three variants, print and save the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,7 +292,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the JPEGs and cache go")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
     args = ap.parse_args()
+    patch_cuda_val_labels()
+    # Stopped by gpu_check.sh's timeout: say where every thread was (timeout -k kills after).
+    faulthandler.register(signal.SIGTERM, all_threads=True)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="imgcls-gpu-"))
     t0 = time.perf_counter()
@@ -243,6 +338,10 @@ def main() -> None:
         "precision": args.precision,
         "channels_last": True,
         "cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "workers": workers
+        if workers != "auto"
+        else f"auto = {auto_workers(torch.device(args.device))}",
         "generate_jpegs_s": round(gen_s, 1),
         "decode_to_cache_img_s": round(args.images / decode_s, 1),
     }
@@ -251,8 +350,10 @@ def main() -> None:
         in_memory = np.ascontiguousarray(np.asarray(images))  # (N, S, S, 3) uint8 in RAM
         report["raw"] = run_raw(args.model, in_memory, labels, cfg, 3, sampler)
         print("raw", report["raw"], flush=True)
+        save(report, args.out, args.md)
         report["memory"] = run_fit(args.model, in_memory, labels, None, cfg, 3, sampler)
         print("memory", report["memory"], flush=True)
+        save(report, args.out, args.md)
         report["augment"] = run_fit(args.model, images, labels, augment, cfg, 3, sampler)
         print("augment", report["augment"], flush=True)
         if args.compile:
@@ -265,16 +366,9 @@ def main() -> None:
         sampler.stop()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report["engine_over_raw"] = round(
-        report["memory"]["images_per_s"] / report["raw"]["images_per_s"], 3
-    )
-    report["augment_over_memory"] = round(
-        report["augment"]["images_per_s"] / report["memory"]["images_per_s"], 3
-    )
+    save(report, args.out, args.md)
     print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
     ok = report["augment_over_memory"] >= 0.9
     print(f"cache+augmentation / in-memory = {report['augment_over_memory']:.3f} (target >= 0.9)")
     sys.exit(0 if ok or args.device != "cuda" else 2)
