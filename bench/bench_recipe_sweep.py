@@ -181,26 +181,6 @@ def count_macs(model: Any, in_chans: int, size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- one run (child)
 
 
-def patch_cuda_val_labels() -> None:
-    """Work around imgcls.training.loop.predict_logits on CUDA (src bug, reported in issue 19).
-
-    In-memory val batches keep their labels on the GPU, and predict_logits calls `.numpy()` on
-    them, which fails ("can't convert cuda:0 device type tensor to numpy"): every fit() on CUDA
-    stops after its first epoch. The labels are moved to the CPU before it sees them.
-    """
-    from imgcls.training import loop, trainer
-
-    original = loop.predict_logits
-    if getattr(trainer.predict_logits, "_cpu_labels", False):
-        return
-
-    def predict_logits(model, prep, batches, rt):
-        return original(model, prep, ((x, y.cpu()) for x, y in batches), rt)
-
-    predict_logits._cpu_labels = True
-    trainer.predict_logits = predict_logits
-
-
 def run_one(spec: dict) -> dict:
     """Train one variant / seed through train_model, then score the test set plain and with TTA."""
     import torch
@@ -211,7 +191,6 @@ def run_one(spec: dict) -> dict:
     from imgcls.models.bundle import Preprocess
     from imgcls.training.train import train_model
 
-    patch_cuda_val_labels()
     t_start = time.perf_counter()
     work, seed = Path(spec["data"]), int(spec["seed"])
     raw = recipe_raw(REPO)

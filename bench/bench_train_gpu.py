@@ -48,26 +48,6 @@ from imgcls.training.setup import make_runtime, select_device
 from imgcls.training.trainer import FitConfig, fit
 
 
-def patch_cuda_val_labels() -> None:
-    """Work around imgcls.training.loop.predict_logits on CUDA (src bug, reported in issue 19).
-
-    In-memory val batches keep their labels on the GPU, and predict_logits calls `.numpy()` on
-    them, which fails ("can't convert cuda:0 device type tensor to numpy"): every fit() on CUDA
-    stops after its first epoch. The labels are moved to the CPU before it sees them.
-    """
-    from imgcls.training import loop, trainer
-
-    original = loop.predict_logits
-    if getattr(trainer.predict_logits, "_cpu_labels", False):
-        return
-
-    def predict_logits(model, prep, batches, rt):
-        return original(model, prep, ((x, y.cpu()) for x, y in batches), rt)
-
-    predict_logits._cpu_labels = True
-    trainer.predict_logits = predict_logits
-
-
 def _write_chunk(args: tuple[str, int, int, int]) -> list[dict]:
     """Worker: write `count` JPEGs (coloured blobs on noise) starting at index `start`."""
     root, start, count, size = args
@@ -294,7 +274,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here")
     args = ap.parse_args()
-    patch_cuda_val_labels()
     # Stopped by gpu_check.sh's timeout: say where every thread was (timeout -k kills after).
     faulthandler.register(signal.SIGTERM, all_threads=True)
 
