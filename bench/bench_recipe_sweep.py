@@ -30,7 +30,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from common import cpu_name, overlay
 
 REPO = Path(__file__).resolve().parent.parent
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -121,17 +122,6 @@ def prepare_data(idx_dir: Path, work: Path, limit: int | None) -> dict[str, int]
         np.save(work / f"{prefix}_y.npy", y)
         sizes[prefix] = len(y)
     return sizes
-
-
-def overlay(base: dict, preset: dict) -> dict:
-    """`base` with `preset`'s keys set (mappings key by key, model.kwargs and lists replaced)."""
-    out = dict(base)
-    for key, value in preset.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
-            out[key] = overlay(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def recipe_raw(repo: Path) -> dict:
@@ -302,17 +292,6 @@ def run_one(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the sweep (parent)
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def est_cost(variant: str, epochs: int | None) -> float:

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from common import cpu_name  # noqa: E402
 from imgcls.data.imageinfo import phash  # noqa: E402
 from imgcls.data.manifest import MANIFEST_COLUMNS  # noqa: E402
 
@@ -290,17 +290,6 @@ def markdown(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    """The CPU model line (what `lscpu` shows as Model name)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     """Bench each size; print a table and the checks against the targets."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -328,7 +317,7 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)
     print()
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; load now {os.getloadavg()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; load now {os.getloadavg()}")
     print(markdown(results))
     total = {r["rows"]: sum(s["wall_s"] for s in r["stages"].values()) for r in results}
     for r in results:

@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import overlay
 from project import REPO, bench_env, commit, copy_project
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -94,17 +95,6 @@ DATA = {
     "split": {"train": 0.85, "val": 0.075, "test": 0.075},
     "train": {"image_size": 28},
 }
-
-
-def overlay(base: dict, preset: dict) -> dict:
-    """`base` with `preset`'s keys set (nested mappings key by key; lists and values replaced)."""
-    out = dict(base)
-    for key, value in preset.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
-            out[key] = overlay(out[key], value)
-        else:
-            out[key] = value  # model.kwargs whole: the architecture's own keys, not a mix
-    return out
 
 
 def set_flags(preset: dict, prefix: str = "") -> list[str]:

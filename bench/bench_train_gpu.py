@@ -21,7 +21,6 @@ import faulthandler
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -38,6 +37,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from common import cpu_name
 from imgcls.config import TrainConfig, TransformSpec
 from imgcls.data.augment import build_transform
 from imgcls.data.dataset import channel_stats, decode_images
@@ -196,17 +196,6 @@ def run_raw(name, images, labels, cfg, in_chans, sampler) -> dict:
         "per_epoch": [round(r, 1) for r in rates],
         "gpu_util_pct": sampler.mean(t_start, time.monotonic()) if t_start else None,
     }
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown_table(report: dict) -> str:

@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/bench_tune.py                              # digits, 12 trials
     .venv/bin/python bench/bench_tune.py --preset fashion-mnist --n-trials 20 --timeout 3600
+    .venv/bin/python bench/bench_tune.py --preset fashion-mnist --epochs 4 --n-trials 8 --reproduce
     .venv/bin/python bench/bench_tune.py --reproduce                  # + dvc exp run of the best
 
 A fresh copy of the project (the repository's params.yaml with its default `tune:` space), then
 `dvc repro split` and `imgcls tune --n-trials N`, timed. Trial 0 of the study trains
 params.yaml's own values (`tune.baseline_first`), so "best vs default" compares two trials of
 the same study: same data, seed and epochs. `--preset fashion-mnist` uses Debian's
-`dataset-fashion-mnist` IDX files with bench_train_fashion.py's `cnn` recipe and split.
+`dataset-fashion-mnist` IDX files with the shipped preset (params/fashion-mnist.yaml) and its
+split; `--epochs N` searches at a shorter schedule (every trial and the reproduction use N).
 `--reproduce` also runs the printed `dvc exp run -S ...` command and checks that the experiment's
 val metric equals the best trial's (it then evaluates on the test split too).
 
@@ -34,23 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from project import bench_env, commit, copy_project
 
 
-def configure(root: Path, preset: str) -> None:
+def configure(root: Path, preset: str, epochs: int | None = None) -> None:
     """Point the copy at the preset's data (digits: the repository's defaults unchanged)."""
-    if preset == "digits":
-        return
-    from bench_train_fashion import IDX_DIR, RECIPES
-
-    if not (IDX_DIR / "train-images-idx3-ubyte.gz").is_file():
-        raise SystemExit(f"{IDX_DIR}: missing; apt-get install dataset-fashion-mnist")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    recipe = RECIPES["cnn"]
-    params["data"]["source"] = "fashion-mnist"
-    params["split"].update(train=0.85, val=0.075, test=0.075)
-    params["model"] = {**params["model"], **recipe["model"]}
-    params["augment"]["train"] = recipe["augment"]
-    params["train"].update(recipe["train"])
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit(root)
+    if preset != "digits":
+        from bench_train_fashion import DATA, IDX_DIR, RECIPES
+        from common import overlay
+
+        if not (IDX_DIR / "train-images-idx3-ubyte.gz").is_file():
+            raise SystemExit(f"{IDX_DIR}: missing; apt-get install dataset-fashion-mnist")
+        # the shipped preset (params/fashion-mnist.yaml) over params.yaml, as users apply it
+        params = overlay(params, overlay(DATA, RECIPES["preset"]))
+    if epochs is not None:  # a search at a shorter schedule than the recipe's
+        params["train"]["epochs"] = epochs
+    if preset != "digits" or epochs is not None:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        commit(root)
 
 
 def run(cmd: list[str], root: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -72,10 +73,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--reproduce", action="store_true", help="also run the printed dvc command")
     ap.add_argument("--keep", type=Path, help="work here (kept) instead of a temp folder")
+    ap.add_argument("--epochs", type=int, help="train.epochs for every trial (a shorter search)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = copy_project(args.keep or Path(tmp) / "proj")
-        configure(root, args.preset)
+        configure(root, args.preset, args.epochs)
         _, split_s = run(["dvc", "repro", "split"], root)
         cmd = ["imgcls", "tune", "--n-trials", str(args.n_trials), "--jobs", str(args.jobs)]
         cmd += ["--timeout", str(args.timeout)] if args.timeout else []
@@ -84,6 +86,7 @@ def main() -> None:
         load = os.getloadavg()
         out = {
             "preset": args.preset,
+            "epochs": yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"],
             "cpus": os.cpu_count(),
             "load_average_1m_after": round(load[0], 2),
             "split_s": round(split_s, 1),
