@@ -11,7 +11,7 @@ from torch import nn
 
 from imgcls.config import Params
 from imgcls.models import create_model
-from imgcls.models.bundle import ImageClassifier, load_bundle, save_bundle
+from imgcls.models.bundle import ImageClassifier, WithTTA, load_bundle, save_bundle
 from imgcls.models.registry import ModelError
 
 MEAN, STD = [0.5], [0.25]
@@ -51,7 +51,9 @@ def test_hflip_averages_the_logits_of_the_image_and_its_mirror() -> None:
         want = torch.softmax((net(prep) + net(prep.flip(-1))) / 2, dim=1)
         got, base = tta(x), plain(x)
         mirrored = tta(x.flip(2))  # (B, H, W, C): W is dim 2
+        net_tta = WithTTA(net, "hflip")(prep)  # what val-threshold tuning sees
     assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(torch.softmax(net_tta, dim=1), want, atol=1e-6)
     assert not torch.allclose(got, base, atol=1e-4)  # the mirror changed the answer
     assert torch.allclose(mirrored, got, atol=1e-5)  # and a mirrored image answers the same
     with pytest.raises(ModelError, match="unknown"):

@@ -88,13 +88,30 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8 -> (B, K) float32 probabilities."""
         x = self.prep(images.permute(0, 3, 1, 2))  # (B, C, H, W)
-        logits = self.net(x)
-        if self.tta == "hflip":
-            logits = (logits + self.net(x.flip(-1))) / 2
-        return probs_from_logits(self.task, logits)
+        return probs_from_logits(self.task, tta_logits(self.net, x, self.tta))
 
 
 TTA_MODES = ("none", "hflip")  # model.tta's values (imgcls.config.ModelConfig)
+
+
+def tta_logits(net: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The net's logits for a preprocessed (B, C, H, W) batch, averaged over the `tta` views."""
+    logits = net(x)
+    if tta == "hflip":
+        logits = (logits + net(x.flip(-1))) / 2
+    return logits
+
+
+class WithTTA(nn.Module):
+    """A net that answers with test-time augmentation (for code that calls nets on batches)."""
+
+    def __init__(self, net: nn.Module, tta: str) -> None:
+        super().__init__()
+        self.net, self.tta = net, tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, C, H, W) -> (B, K) logits, averaged over the views."""
+        return tta_logits(self.net, x, self.tta)
 
 
 # What one request / one image may cost the model's users (`imgcls predict`, the serving

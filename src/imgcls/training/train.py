@@ -31,7 +31,7 @@ from imgcls.data.dataset import (
     read_splits,
 )
 from imgcls.errors import ImgclsError
-from imgcls.models.bundle import Preprocess
+from imgcls.models.bundle import Preprocess, WithTTA
 from imgcls.task import (
     label_classes,
     order_classes,
@@ -308,7 +308,9 @@ def val_thresholds(
         device=device,
         num_workers=0,
     )
-    logits, _ = predict_logits(model, prep.to(device), batches, Runtime(device=device))
+    # tuned on what the model file will answer: with its test-time augmentation, if any
+    net = WithTTA(model, params.model.tta) if params.model.tta != "none" else model
+    logits, _ = predict_logits(net, prep.to(device), batches, Runtime(device=device))
     probs = probs_numpy(data.task, logits)
     return tune_thresholds(data.task, labels, probs, params.train.threshold_metric)
 
