@@ -78,6 +78,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w48-96-192_ep10": {"model.kwargs.widths": [48, 96, 192], "train.epochs": 10},
     "convs112": {"model.kwargs.convs_per_stage": [1, 1, 2]},
     "convs222_ep10": {"model.kwargs.convs_per_stage": [2, 2, 2], "train.epochs": 10},
+    # shapes that fit 6 minutes on a 2-core CPU without AMX (bench/RESULTS.md, issue 19)
+    "w24-48-96_ep12": {"model.kwargs.widths": [24, 48, 96], "train.epochs": 12},
+    "w48-96-192_c111_ep10": {
+        "model.kwargs.widths": [48, 96, 192],
+        "model.kwargs.convs_per_stage": [1, 1, 1],
+        "train.epochs": 10,
+    },
+    "convs112_ep11": {"model.kwargs.convs_per_stage": [1, 1, 2], "train.epochs": 11},
 }
 
 
