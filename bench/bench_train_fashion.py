@@ -80,6 +80,16 @@ RECIPES: dict[str, dict] = {
             "train": {"epochs": 11},
         },
     ),
+    # Another: the preset's depth at three quarters of its width, 11 epochs (27 s per epoch there).
+    "preset-w24": overlay(
+        yaml.safe_load(PRESET.read_text()),
+        {
+            "model": {
+                "kwargs": {"widths": [24, 48, 96], "convs_per_stage": [1, 2, 2], "dropout": 0.2}
+            },
+            "train": {"epochs": 11},
+        },
+    ),
     "timm": {
         "model": {"name": "resnet18", "kwargs": {}},
         "augment": {"train": [{"name": "HorizontalFlip", "p": 0.5}]},
