@@ -209,6 +209,11 @@ def _study(root: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
 
 
+def _mid_trial(study: optuna.Study) -> bool:
+    """At least 3 trials finished and a later one running."""
+    return _finished(study) >= 3 and study.trials[-1].state.name == "RUNNING"
+
+
 def _finished(study: optuna.Study) -> int:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(states=states))
@@ -303,11 +308,20 @@ def test_tune_resumes_the_study_after_an_interruption(split_project: Path, tmp_p
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        trials = _study(root, "resume-test").trials
-        if _finished(_study(root, "resume-test")) >= 3 and trials[-1].state.name == "RUNNING":
-            break
+        if _mid_trial(_study(root, "resume-test")):
+            # Held, the command cannot finish that trial between this look and the signal:
+            # look again while it is held, so Ctrl-C lands in a trial that is still running.
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                still = _mid_trial(_study(root, "resume-test"))
+            except Exception:  # held inside a write: SQLite is locked, look again later
+                still = False
+            if still:
+                proc.send_signal(signal.SIGINT)  # delivered on SIGCONT
+                proc.send_signal(signal.SIGCONT)
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err
