@@ -210,8 +210,14 @@ def _study(root: Path, name: str) -> optuna.Study:
 
 
 def _mid_trial(study: optuna.Study) -> bool:
-    """At least 3 trials finished and a later one running."""
-    return _finished(study) >= 3 and study.trials[-1].state.name == "RUNNING"
+    """At least 3 trials finished and a later one running, with its MLflow run already open."""
+    last = study.trials[-1]
+    # An interrupt before the trial's run exists leaves no run to check as KILLED
+    return (
+        _finished(study) >= 3
+        and last.state.name == "RUNNING"
+        and "mlflow_run_id" in last.user_attrs
+    )
 
 
 def _finished(study: optuna.Study) -> int:
