@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from _datasets import REPO, with_splits, write_pattern_dataset
 from imgcls.cli import main
@@ -78,6 +79,21 @@ def test_a_timm_model_exports_to_both_formats(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     for fmt in ("onnx", "torchscript"):
         path = export_model(clf, meta, fmt, tmp_path / f"timm.{fmt}")
+        assert verify_export(clf, path, fmt, images) <= ATOL
+
+
+def test_shifted_tta_and_early_pooling_export_to_both_formats(tmp_path: Path) -> None:
+    """The preset's model (pool_before_norm, hflip_shift: edge-padded shifts) exports exactly."""
+    torch.manual_seed(0)
+    net = create_model(
+        "simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[4, 8], pool_before_norm=True
+    )
+    meta = {"arch": "simple_cnn", "classes": list("abc"), "image_size": 16, "channels": 1}
+    meta["tta"] = "hflip_shift"
+    clf = ImageClassifier(net, [0.5], [0.25], tta="hflip_shift").eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    for fmt in ("onnx", "torchscript"):
+        path = export_model(clf, meta, fmt, tmp_path / f"tta.{fmt}")
         assert verify_export(clf, path, fmt, images) <= ATOL
 
 

@@ -57,6 +57,27 @@ def test_custom_model_forward_and_step(name: str, in_chans: int, size: int) -> N
     _one_step_lowers_loss(model, in_chans, size)
 
 
+def test_simple_cnn_can_pool_before_norm() -> None:
+    """Each stage's last conv is pooled before its BN + ReLU: same weights, smaller activations."""
+    torch.manual_seed(0)
+    kw = {"widths": [4, 8, 16], "convs_per_stage": [1, 2, 1]}
+    plain = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=28, **kw)
+    early = create_model(
+        "simple_cnn", in_chans=1, num_classes=3, image_size=28, pool_before_norm=True, **kw
+    )
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    assert sorted(shapes.values()) == sorted(v.shape for v in early.state_dict().values())
+    seen: list[tuple[int, ...]] = []
+    for m in early.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(lambda _m, i, _o: seen.append(tuple(i[0].shape[-2:])))
+    out = early.eval()(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 3)
+    # BN sees 14x14 after the pooled 28x28 conv, 7x7 after the 14x14 stage's last conv
+    assert seen == [(14, 14), (14, 14), (7, 7), (7, 7)]
+    _one_step_lowers_loss(early, 1, 28)
+
+
 @pytest.mark.parametrize("name", TIMM_SAMPLE)
 def test_timm_models_through_registry(name: str) -> None:
     model = create_model(name, in_chans=1, num_classes=3, image_size=32)

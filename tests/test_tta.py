@@ -1,4 +1,4 @@
-"""`model.tta: hflip`: the model file averages each image's logits with its mirror image's."""
+"""`model.tta`: the model file averages each image's logits over its mirror (and shifted) views."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def test_hflip_averages_the_logits_of_the_image_and_its_mirror() -> None:
         ImageClassifier(net, MEAN, STD, tta="rot90")
 
 
+def test_hflip_shift_adds_the_mirrored_pair_shifted_a_pixel_each_way() -> None:
+    net = _net().eval()
+    x = _images()
+    with torch.no_grad():
+        prep = ImageClassifier(net, MEAN, STD).prep(x.permute(0, 3, 1, 2))
+        pair = lambda v: (net(v) + net(v.flip(-1))) / 2  # noqa: E731
+        # One pixel down-right and one up-left, the edge row / column repeated, built by hand
+        down = torch.cat([prep[..., :1, :], prep[..., :-1, :]], dim=-2)
+        down = torch.cat([down[..., :1], down[..., :-1]], dim=-1)
+        up = torch.cat([prep[..., 1:, :], prep[..., -1:, :]], dim=-2)
+        up = torch.cat([up[..., 1:], up[..., -1:]], dim=-1)
+        want = (pair(prep) + (pair(down) + pair(up)) / 2) / 2
+        got = WithTTA(net, "hflip_shift")(prep)
+        clf = ImageClassifier(net, MEAN, STD, tta="hflip_shift").eval()
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(clf(x), torch.softmax(want, dim=1), atol=1e-6)
+        assert not torch.allclose(got, WithTTA(net, "hflip")(prep), atol=1e-4)
+
+
 def test_the_model_file_carries_tta_to_every_user(tmp_path: Path) -> None:
     net = _net()
     save_bundle(tmp_path / "tta.pt", net, _meta("hflip"))
@@ -80,6 +99,7 @@ def test_the_model_file_carries_tta_to_every_user(tmp_path: Path) -> None:
 
 def test_params_accept_only_known_tta() -> None:
     assert Params.model_validate({"model": {"tta": "hflip"}}).model.tta == "hflip"
+    assert Params.model_validate({"model": {"tta": "hflip_shift"}}).model.tta == "hflip_shift"
     assert Params.model_validate({}).model.tta == "none"
     with pytest.raises(ValueError, match="tta"):
         Params.model_validate({"model": {"tta": "mirror"}})

@@ -229,7 +229,8 @@ class ModelConfig(Strict):
     # Test-time augmentation, built into the model file (evaluate, predict, serving, exports):
     # hflip averages the logits of each image and its mirror image. Only where a mirror keeps
     # the label (clothes, hands; not digits or text); it doubles the cost of a prediction.
-    tta: Literal["none", "hflip"] = "none"
+    # hflip_shift adds both views shifted one pixel diagonally each way (6 passes in all).
+    tta: Literal["none", "hflip", "hflip_shift"] = "none"
 
 
 # --------------------------------------------------------------------------- augment

@@ -64,7 +64,8 @@ class ImageClassifier(nn.Module):
 
     Probabilities per task (imgcls.task): softmax, `[1 - p, p]` for a binary head, or one
     independent sigmoid per label for multi-label. With `tta="hflip"` the logits are the mean
-    of the image's and its mirror image's (`model.tta`).
+    of the image's and its mirror image's; `"hflip_shift"` adds both, shifted one pixel
+    diagonally either way (`model.tta`).
     """
 
     tta = "none"  # the class default: instances pickled into MLflow before `tta` existed lack it
@@ -91,15 +92,30 @@ class ImageClassifier(nn.Module):
         return probs_from_logits(self.task, tta_logits(self.net, x, self.tta))
 
 
-TTA_MODES = ("none", "hflip")  # model.tta's values (imgcls.config.ModelConfig)
+TTA_MODES = ("none", "hflip", "hflip_shift")  # model.tta's values (imgcls.config.ModelConfig)
+
+
+def _mirror_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean logits of a batch and its mirror image."""
+    return (net(x) + net(x.flip(-1))) / 2
+
+
+def _shifted(x: torch.Tensor, by: int) -> torch.Tensor:
+    """(B, C, H, W) moved `by` pixels down and right (negative: up and left), edges repeated."""
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+    return pad[..., 1 - by : 1 - by + h, 1 - by : 1 - by + w]
 
 
 def tta_logits(net: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """The net's logits for a preprocessed (B, C, H, W) batch, averaged over the `tta` views."""
-    logits = net(x)
     if tta == "hflip":
-        logits = (logits + net(x.flip(-1))) / 2
-    return logits
+        return _mirror_logits(net, x)
+    if tta == "hflip_shift":
+        # airbench's weighting: the unshifted pair counts as much as both shifted pairs together
+        shifted = (_mirror_logits(net, _shifted(x, 1)) + _mirror_logits(net, _shifted(x, -1))) / 2
+        return (_mirror_logits(net, x) + shifted) / 2
+    return net(x)
 
 
 class WithTTA(nn.Module):

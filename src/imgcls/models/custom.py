@@ -63,13 +63,11 @@ def lenet5(in_chans: int, num_classes: int, image_size: int, activation: str = "
     return LeNet5(in_chans, num_classes, activation)
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    """3x3 conv -> BN -> ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+def _conv_bn(cin: int, cout: int, stride: int = 1, pool: bool = False) -> nn.Sequential:
+    """3x3 conv -> BN -> ReLU; with `pool`, a 2x2 max-pool right after the conv."""
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    pooled = [nn.MaxPool2d(2, ceil_mode=True)] if pool else []
+    return nn.Sequential(conv, *pooled, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 @register_model("simple_cnn")
@@ -80,11 +78,14 @@ def simple_cnn(
     widths: Sequence[int] = (32, 64, 128),
     convs_per_stage: int | Sequence[int] = 2,
     dropout: float = 0.2,
+    pool_before_norm: bool = False,
 ) -> nn.Module:
     """VGG-style stages of 3x3 conv-BN-ReLU, max-pool between stages, global average pool.
 
     `convs_per_stage` is one number for every stage or one per stage (e.g. `[1, 2, 2]`: a
-    single conv at full resolution, where convs cost the most).
+    single conv at full resolution, where convs cost the most). `pool_before_norm` pools each
+    stage's last conv output before its BN and ReLU (airbench's order), so those run on a
+    quarter of the pixels.
     """
     if isinstance(convs_per_stage, int):
         convs_per_stage = [convs_per_stage] * len(widths)
@@ -95,10 +96,11 @@ def simple_cnn(
     layers: list[nn.Module] = []
     cin = in_chans
     for i, (w, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
-        if i > 0:
+        if i > 0 and not pool_before_norm:
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        for _ in range(convs):
-            layers.append(_conv_bn(cin, w))
+        for c in range(convs):
+            last_before_pool = pool_before_norm and c == convs - 1 and i < len(widths) - 1
+            layers.append(_conv_bn(cin, w, pool=last_before_pool))
             cin = w
     layers += [
         nn.AdaptiveAvgPool2d(1),

@@ -1,0 +1,60 @@
+"""Official Fashion-MNIST test accuracy of trained model files under each `model.tta` mode.
+
+The same weights answer with `none`, `hflip` and `hflip_shift` (imgcls.models.bundle), on the
+10,000 official test images read straight from Debian's `dataset-fashion-mnist` IDX files; so
+each mode's gain is measured on the same model, without retraining.
+
+    .venv/bin/python bench/bench_tta.py /tmp/imgcls-fashion/models/model.pt [more.pt ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.data.sources.presets import FASHION_CLASSES as NAMES  # the IDX label order
+from imgcls.models.bundle import TTA_MODES, ImageClassifier, load_bundle
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(name: str, offset: int) -> np.ndarray:
+    """One gzip'd IDX file's payload."""
+    with gzip.open(DATA / name) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def accuracy(clf: ImageClassifier, classes: list[str], x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of `clf` on uint8 (N, 28, 28, 1) images with IDX labels `y`."""
+    want = np.array([classes.index(NAMES[t]) for t in y])
+    with torch.no_grad():
+        probs = [clf(torch.from_numpy(x[i : i + 1000].copy())) for i in range(0, len(x), 1000)]
+    return float((torch.cat(probs).argmax(1).numpy() == want).mean())
+
+
+def main() -> None:
+    """Print each model's accuracy per TTA mode."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    args = ap.parse_args()
+    x = _idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
+    y = _idx("t10k-labels-idx1-ubyte.gz", 8)
+    for path in args.models:
+        clf, meta = load_bundle(path)
+        row = {}
+        for mode in TTA_MODES:
+            view = ImageClassifier(clf.net, meta["mean"], meta["std"], clf.task, mode).eval()
+            row[mode] = accuracy(view, meta["classes"], x, y)
+        print(
+            path,
+            f"(file: {meta.get('tta', 'none')})",
+            "  ".join(f"{k} {v:.4f}" for k, v in row.items()),
+        )
+
+
+if __name__ == "__main__":
+    main()
