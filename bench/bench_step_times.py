@@ -13,7 +13,6 @@ cheaper is this shape per step" before a 10-minute `dvc repro` says what it cost
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 from pathlib import Path
@@ -25,12 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name
 from imgcls.config import parse_params
 from imgcls.data.dataset import channel_stats
+from imgcls.data.sources.generated import read_idx
+from imgcls.data.sources.presets import FASHION_LOCAL_DIRS
 from imgcls.models import create_model
 from imgcls.models.bundle import Preprocess
 from imgcls.training.probe import Candidate, measure
 from imgcls.training.setup import make_loss, make_optimizer
 
-IDX = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+IDX = FASHION_LOCAL_DIRS[0] / "train-images-idx3-ubyte.gz"
 BASE = {"widths": [32, 64, 128], "convs_per_stage": [1, 2, 2], "dropout": 0.2}
 VARIANTS: dict[str, dict] = {
     "preset_old": BASE,  # the preset before pool_before_norm
@@ -50,10 +51,9 @@ def main() -> None:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    with gzip.open(IDX) as f:
-        raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+    raw = read_idx(IDX)[..., None]  # (N, 28, 28, 1)
     mean, std = channel_stats(raw[:10000])
-    x = torch.from_numpy(raw[: args.batch].transpose(0, 3, 1, 2).copy())
+    x = torch.from_numpy(np.ascontiguousarray(raw[: args.batch].transpose(0, 3, 1, 2)))
     y = torch.arange(args.batch) % 10
     params = parse_params({"train": {"lr": 4e-3, "weight_decay": 0.05, "label_smoothing": 0.1}})
     cores = len(os.sched_getaffinity(0))

@@ -10,22 +10,17 @@ each mode's gain is measured on the same model, without retraining.
 from __future__ import annotations
 
 import argparse
-import gzip
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from imgcls.data.sources.generated import read_idx
 from imgcls.data.sources.presets import FASHION_CLASSES as NAMES  # the IDX label order
+from imgcls.data.sources.presets import FASHION_LOCAL_DIRS
 from imgcls.models.bundle import TTA_MODES, ImageClassifier, load_bundle
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _idx(name: str, offset: int) -> np.ndarray:
-    """One gzip'd IDX file's payload."""
-    with gzip.open(DATA / name) as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
+DATA = FASHION_LOCAL_DIRS[0]  # Debian's dataset-fashion-mnist
 
 
 def accuracy(clf: ImageClassifier, classes: list[str], x: np.ndarray, y: np.ndarray) -> float:
@@ -41,8 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", type=Path)
     args = ap.parse_args()
-    x = _idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
-    y = _idx("t10k-labels-idx1-ubyte.gz", 8)
+    x = read_idx(DATA / "t10k-images-idx3-ubyte.gz")[..., None]  # (N, 28, 28, 1)
+    y = read_idx(DATA / "t10k-labels-idx1-ubyte.gz")
     for path in args.models:
         clf, meta = load_bundle(path)
         row = {}
