@@ -90,6 +90,7 @@ def engine(args, x, y, vx, vy, workdir: Path) -> dict[str, float]:
         scheduler="cosine",
         warmup_epochs=0,
         device="cpu",
+        channels_last=False,  # the hand loop's layout (the engine's CPU default is NHWC)
     )
     mean, std = channel_stats(x)
     ckpt = workdir / "last.pt"

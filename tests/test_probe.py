@@ -66,7 +66,7 @@ def test_candidates_cover_the_auto_settings_default_first() -> None:
     auto = TrainConfig(precision="auto", channels_last="auto", cpu_threads="auto")
     cands = candidates(auto, CPU, _cnn())
     n = cpu_cores()
-    assert cands[0] == Candidate("fp32", False, n)  # the default: fp32, NCHW, one per core
+    assert cands[0] == Candidate("fp32", True, n)  # the default: fp32, NHWC, one per core
     assert {c.precision for c in cands} == {"fp32", "bf16"}
     assert {c.channels_last for c in cands} == {False, True}
     assert {c.threads for c in cands} == ({n, 1} if n > 1 else {1})
@@ -125,11 +125,11 @@ def test_a_short_training_keeps_the_default_unmeasured(
     cfg = TrainConfig(precision="auto", channels_last="auto", cpu_threads="auto")
     resolved, result = _resolve(cfg, _cnn(), tmp_path / "probe", train_steps=20)
     assert result is not None and result.source == "skipped"
-    assert result.choice == candidates(cfg, CPU, _cnn())[0]  # fp32 / NCHW / one per core
+    assert result.choice == candidates(cfg, CPU, _cnn())[0]  # fp32 / NHWC / one per core
     assert list(result.step_ms) == [result.choice.label]  # the default alone was timed
     assert result.estimated_train_s is not None and result.estimated_train_s < min_train_s()
     assert "too short to repay" in result.line() and result.params()["probe.source"] == "skipped"
-    assert resolved.precision == "fp32" and resolved.channels_last is False
+    assert resolved.precision == "fp32" and resolved.channels_last is True
     assert not (tmp_path / "probe").exists()  # not cached: a longer training still measures
     # a long training (by its step count) is measured; so is any with the limit at 0
     _, long = _resolve(cfg, _cnn(), None, train_steps=10**7)

@@ -1,18 +1,21 @@
 """Training engine: learning happens, schedules behave, checkpoints resume, failures are clear."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from imgcls.config import ConfigError, Params, TrainConfig, parse_params
+from imgcls.config import ConfigError, Params, ProgressiveResize, TrainConfig, parse_params
 from imgcls.data.augment import AugmentError, build_transform
 from imgcls.data.dataset import DecodeError, decode_images, load_split_data
 from imgcls.io import read_csv
-from imgcls.models.bundle import load_bundle, save_bundle
+from imgcls.models.bundle import Preprocess, load_bundle, save_bundle
 from imgcls.training.batches import epoch_permutation, make_batches, rank_batches, set_epoch
 from imgcls.training.ema import ModelEma
+from imgcls.training.loop import Runtime, epoch_image_size, train_one_epoch
 from imgcls.training.setup import (
     TrainingError,
     make_optimizer,
@@ -316,8 +319,8 @@ def test_precision_and_batch_checks() -> None:
     cpu = torch.device("cpu")
     assert make_runtime(TrainConfig(precision="bf16"), cpu).autocast_dtype == torch.bfloat16
     assert make_runtime(TrainConfig(), cpu).autocast_dtype is None
-    # channels_last auto (unmeasured): NHWC on CPU only with bf16; true / false are obeyed.
-    assert not make_runtime(TrainConfig(), cpu).channels_last
+    # channels_last auto (unmeasured): NHWC on CPU (fp32 or bf16); true / false are obeyed.
+    assert make_runtime(TrainConfig(), cpu).channels_last
     assert make_runtime(TrainConfig(precision="bf16"), cpu).channels_last
     assert make_runtime(TrainConfig(channels_last=True), cpu).channels_last
     assert not make_runtime(TrainConfig(precision="bf16", channels_last=False), cpu).channels_last
@@ -364,3 +367,92 @@ def test_fashion_preset_applies_through_dvc_overrides(tmp_path: Path) -> None:
             yaml.safe_load((repo / "params.yaml").read_text()), bench.overlay(bench.DATA, preset)
         )
     )
+
+
+def test_progressive_resize_schedule() -> None:
+    """Sides grow linearly from start_size, in multiples, to image_size; the last epoch is full."""
+    schedule = ProgressiveResize(start_size=16, full_at=0.6)
+    sizes = [epoch_image_size(28, e, 13, schedule) for e in range(13)]
+    assert sizes == [16, 16, 16, 20, 20, 20, 24, 24, 28, 28, 28, 28, 28]
+    assert [epoch_image_size(28, e, 13, None) for e in range(13)] == [28] * 13
+    always_small = ProgressiveResize(start_size=8, full_at=1.0, multiple=1)
+    assert [epoch_image_size(16, e, 4, always_small) for e in range(4)] == [8, 10, 13, 16]
+    assert epoch_image_size(16, 0, 1, always_small) == 16  # one epoch: full size
+    with pytest.raises(ConfigError, match="progressive_resize.start_size"):
+        parse_params({"train": {"image_size": 16, "progressive_resize": {"start_size": 20}}})
+
+
+def test_train_one_epoch_trains_at_the_scheduled_size() -> None:
+    """The network sees each batch downscaled (antialiased: a flat image stays flat)."""
+    seen: list[torch.Tensor] = []
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    flat = torch.full((4, 1, 16, 16), 200, dtype=torch.uint8)
+    batches = [(flat, torch.tensor([0, 1, 2, 0]))] * 2
+    net(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer at 8 x 8
+    seen.clear()
+    stats = train_one_epoch(
+        net,
+        Preprocess([0.5], [0.25]),
+        batches,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        None,
+        torch.nn.CrossEntropyLoss(),
+        Runtime(torch.device("cpu")),
+        size=8,
+    )
+    assert stats.images == 8 and [tuple(x.shape) for x in seen] == [(4, 1, 8, 8)] * 2
+    expected = (200 / 255 - 0.5) / 0.25
+    assert torch.allclose(seen[0], torch.full_like(seen[0], expected), atol=1e-5)
+
+
+def test_progressive_resize_trains_and_reports_the_sides(
+    pattern_splits: tuple[Path, Path],
+) -> None:
+    root, splits = pattern_splits
+    data = load_split_data(splits, root, 16, "auto", root / "cache", progress=False)
+    schedule = {"start_size": 8, "full_at": 0.5}
+    result, _ = train_model(
+        _params(epochs=6, progressive_resize=schedule), data, checkpoint_path=None, progress=False
+    )
+    assert [e["image_size"] for e in result.extra["timing"]] == [8, 8, 12, 16, 16, 16]
+    assert max(h["val_accuracy"] for h in result.history) >= 0.8  # validated at 16 px
+
+
+_STEPS = """
+import resource, sys, torch
+from imgcls.training.setup import keep_freed_memory
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
+                          torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.Flatten(),
+                          torch.nn.LazyLinear(10))
+x, y = torch.randn(64, 1, 28, 28), torch.arange(64) % 10
+opt = torch.optim.SGD(net.parameters(), lr=0.01)
+def step():
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_freed_memory_stops_page_faults_in_every_step() -> None:
+    """The same steps fault their buffers in every time by default, not once malloc keeps them."""
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True
+        )
+        return int(out.stdout.strip())
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 1000  # 10 steps re-fault MBs of activations (4 KiB pages)
+    assert kept < default / 5

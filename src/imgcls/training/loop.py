@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from imgcls.config import ProgressiveResize
 from imgcls.models.bundle import Preprocess
 from imgcls.training.distributed import all_reduce_sum
 
@@ -57,6 +59,27 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+def epoch_image_size(
+    image_size: int, epoch: int, epochs: int, schedule: ProgressiveResize | None
+) -> int:
+    """Side the batches of `epoch` (0-based) train at under `train.progressive_resize`."""
+    if schedule is None:
+        return image_size
+    full = min(round(schedule.full_at * epochs), epochs - 1)  # the last epoch is full size
+    if epoch >= full:
+        return image_size
+    side = schedule.start_size + (image_size - schedule.start_size) * epoch / full
+    side = int(side) // schedule.multiple * schedule.multiple
+    return min(image_size, max(side, schedule.start_size))
+
+
+def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Downscale a preprocessed (B, C, S, S) float batch to `size` (antialiased bilinear)."""
+    if size is None or (x.shape[-1] == size and x.shape[-2] == size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+
+
 def backward_and_step(
     loss: torch.Tensor,
     model: nn.Module,
@@ -96,8 +119,11 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     progress: tqdm | None = None,
     check_every: int = 1,
+    size: int | None = None,
 ) -> EpochStats:
     """One pass over the training batches; NaN / inf losses are caught before they are stepped.
+
+    `size` (progressive resizing) downscales each batch after preprocessing.
 
     The finiteness check reads the loss on the host, which stalls a GPU's queue; on CUDA it
     therefore runs every `check_every` steps (non-finite losses in between are remembered on the
@@ -112,7 +138,7 @@ def train_one_epoch(
     for step, (x, y) in enumerate(batches):
         x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = model(prep(x))  # (B, K)
+            logits = model(resize_batch(prep(x), size))  # (B, K)
             loss = loss_fn(logits, y)
         bad |= ~torch.isfinite(loss.detach())
         if step % check_every == 0 and bool(all_reduce_sum(bad.float()) > 0):

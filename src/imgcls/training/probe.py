@@ -5,7 +5,7 @@ is `auto`, :func:`resolve_auto` times forward + backward + optimiser step of the
 on a real batch for each candidate (bf16 autocast or fp32 — on CUDA also fp16 —, NHWC or not,
 1 or N threads), interleaved round by round so that a load spike from other jobs hits every
 candidate alike, and keeps the fastest one whose loss stays close to fp32's on the same batch.
-A candidate other than the default (fp32 / NCHW / N threads on CPU, bf16 / NHWC on CUDA) must
+A candidate other than the default (fp32 / NHWC / N threads on CPU, bf16 / NHWC on CUDA) must
 beat the default by :data:`MARGIN`, so noise alone never flips the choice. The result is cached
 per CPU (model name + flags) or GPU, torch version, model and batch shape, so later runs skip the
 probe. It decides on the machine at hand, as loaded as it is at that moment. A training too short
@@ -41,7 +41,7 @@ from imgcls.models.bundle import Preprocess
 
 log = logging.getLogger("imgcls.train")
 
-PROBE_VERSION = 1  # bump when what is measured or how it is chosen changes (old caches retire)
+PROBE_VERSION = 2  # bump when what is measured or how it is chosen changes (old caches retire)
 MARGIN = 0.05  # a non-default candidate must be this much faster than the default
 LOSS_RTOL = 0.05  # a candidate's loss may differ from fp32's by this share (+ LOSS_ATOL)
 LOSS_ATOL = 0.02
@@ -146,8 +146,8 @@ def candidates(
 ) -> list[Candidate]:
     """Every combination of the auto settings' options (fixed settings keep their value).
 
-    The default candidate comes first: fp32 / NCHW / one thread per core on CPU, bf16 (fp16
-    where unsupported) / NHWC on CUDA.
+    The default candidate comes first: fp32 / NHWC (NCHW without convolutions) / one thread per
+    core on CPU, bf16 (fp16 where unsupported) / NHWC on CUDA.
     """
     cuda = device.type == "cuda"
     if cfg.precision != "auto":
@@ -163,7 +163,7 @@ def candidates(
     if cfg.channels_last != "auto":
         layouts = [bool(cfg.channels_last)]
     else:
-        layouts = [cuda, not cuda] if has_conv else [False]  # NHWC only matters to convolutions
+        layouts = [True, False] if has_conv else [False]  # NHWC only matters to convolutions
     if cuda:
         threads: list[int | None] = [None]
     elif cfg.cpu_threads == "auto":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -43,8 +45,34 @@ def select_device(pref: str) -> torch.device:
     return torch.device(pref)
 
 
+# glibc's mallopt(3) parameters, and its upper limit for the mmap threshold on 64-bit systems.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024**2
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    Every training step allocates and frees the same activation-sized blocks. By default glibc
+    returns them to the kernel (trimming the heap, unmapping big blocks), and the next step
+    page-faults them in again: 2,200-9,800 faults and 5-18 ms of kernel time per step of the
+    Fashion-MNIST preset on a 2-core VM, 0-150 faults and < 0.5 ms with the thresholds raised.
+    The process then keeps its peak memory until it exits. False where the libc has no mallopt.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
+
+
 def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
-    """CPU threads, cuDNN autotuning and TF32 for this device (process-wide torch settings)."""
+    """CPU threads, cuDNN autotuning, TF32 and malloc's reuse of freed memory (process-wide)."""
+    keep_freed_memory()
     if device.type == "cpu" and isinstance(cfg.cpu_threads, int):
         torch.set_num_threads(cfg.cpu_threads)  # None / unmeasured auto: torch's one per core
     if device.type == "cuda":
@@ -71,9 +99,14 @@ def make_runtime(cfg: TrainConfig, device: torch.device) -> Runtime:
         )
     nhwc = cfg.channels_last
     if nhwc == "auto":  # unmeasured (imgcls.training.probe fills in a measured choice)
-        # NHWC usually pays off on CUDA, and on CPU with bf16 (oneDNN's AMX kernels want it).
-        nhwc = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+        # NHWC pays off on CUDA, and on CPU: oneDNN's NCHW convolutions reorder to blocked
+        # layouts on every call, and their speed varies from one process to the next (74-120 ms
+        # against NHWC's 69-86 ms per step measured on one VM; docs/training.md).
+        nhwc = device.type in ("cuda", "cpu")
     return Runtime(device=device, autocast_dtype=dtype, channels_last=bool(nhwc))
+
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -86,7 +119,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # The fused kernel: the same update in one pass (CPU: 0.37 instead of 0.9-1.5 ms a step for
+    # the Fashion-MNIST preset's net); torch has it for float params on CPU and CUDA.
+    params = decay + no_decay
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params
+    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
 
 def make_loss(

@@ -41,6 +41,7 @@ from imgcls.training.loop import (
     NonFiniteLossError,
     Runtime,
     cross_entropy_from_logits,
+    epoch_image_size,
     predict_logits,
     train_one_epoch,
 )
@@ -319,6 +320,9 @@ def fit(
             dynamic_ncols=True,
         )
         lr = parts.optimizer.param_groups[0]["lr"]
+        size = epoch_image_size(tc.image_size, epoch, tc.epochs, tc.progressive_resize)
+        if size != tc.image_size:
+            bar.set_description(f"epoch {epoch + 1}/{tc.epochs} @{size}px")
         try:
             stats = train_one_epoch(
                 parts.train_net,
@@ -333,6 +337,7 @@ def fit(
                 on_step=(lambda: ema.update(model)) if ema else None,
                 progress=bar,
                 check_every=check_every,
+                size=size,
             )
         except NonFiniteLossError as err:
             raise TrainingError(
@@ -414,6 +419,7 @@ def fit(
             {
                 "epoch": epoch + 1,
                 "train_s": round(stats.seconds, 3),
+                "image_size": size,  # progressive resizing: the side this epoch trained at
                 "val_s": round(t_checkpoint - t_val, 3),
                 "checkpoint_s": round(t_log - t_checkpoint, 3),  # best-state copy + file
                 "log_s": round(time.perf_counter() - t_log, 3),  # queued to the logger
