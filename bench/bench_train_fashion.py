@@ -38,19 +38,10 @@ from project import REPO, bench_env, commit, copy_project
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 PRESET = REPO / "params/fashion-mnist.yaml"
-PF_KWARGS = {"widths": [32, 64, 128], "convs_per_stage": [1, 2, 2], "pool_before_norm": True}
-
-
-def earlier_preset() -> dict:
-    """The preset before progressive resizing: every epoch at 28 px, batch 128, AdamW 4e-3."""
-    preset = yaml.safe_load(PRESET.read_text())
-    train = {k: v for k, v in preset["train"].items() if k != "progressive_resize"}
-    preset["train"] = {**train, "batch_size": 128, "lr": 0.004}
-    return preset
 
 
 def preset_variant(tta: str, epochs: int | None = None, **shape: object) -> dict:
-    """The earlier preset with another `model.tta`, simple_cnn shape and (optionally) epochs.
+    """The shipped preset with another `model.tta`, simple_cnn shape and (optionally) epochs.
 
     `shape` is laid over the old preset's kwargs (widths [32, 64, 128], convs [1, 2, 2],
     dropout 0.2, no pool_before_norm): overlay replaces `model.kwargs` whole.
@@ -59,15 +50,14 @@ def preset_variant(tta: str, epochs: int | None = None, **shape: object) -> dict
     change: dict = {"model": {"tta": tta, "kwargs": kwargs}}
     if epochs is not None:
         change["train"] = {"epochs": epochs}
-    return overlay(earlier_preset(), change)
+    return overlay(yaml.safe_load(PRESET.read_text()), change)
 
 
-def pr16(**train: object) -> dict:
-    """The earlier preset (pool_before_norm, hflip_shift) with 16 -> 28 px progressive resizing."""
+def pr16(dropout: float = 0.2, **train: object) -> dict:
+    """The preset with 16 -> 28 px progressive resizing, `dropout` and `train` keys changed."""
     resize = {"progressive_resize": {"start_size": 16, "full_at": 0.6}}
-    return overlay(
-        preset_variant("hflip_shift", pool_before_norm=True), {"train": {**resize, **train}}
-    )
+    base = preset_variant("hflip_shift", pool_before_norm=True, dropout=dropout)
+    return overlay(base, {"train": {**resize, **train}})
 
 
 # Each recipe is sections of a params.yaml, applied over the repository's (key by key).
@@ -116,18 +106,14 @@ RECIPES: dict[str, dict] = {
     "preset-pf": preset_variant("hflip_shift", pool_before_norm=True),
     "preset-pr16": pr16(),
     "preset-pr16-b64": pr16(batch_size=64, lr=0.003),
-    "preset-pr16-b64-d0": overlay(
-        pr16(batch_size=64, lr=0.003),
-        {"model": {"kwargs": {**PF_KWARGS, "dropout": 0.0}}},
-    ),
+    "preset-pr16-b64-d0": pr16(0.0, batch_size=64, lr=0.003),
     # The earlier preset at batch 64, lr 3e-3, every epoch at 28 px.
     "preset-b64": overlay(
         preset_variant("hflip_shift", pool_before_norm=True),
         {"train": {"batch_size": 64, "lr": 0.003}},
     ),
-    "preset-pr16-b64-d0-sgd": overlay(
-        pr16(batch_size=64, optimizer="sgd", lr=0.08, weight_decay=0.0005),
-        {"model": {"kwargs": {**PF_KWARGS, "dropout": 0.0}}},
+    "preset-pr16-b64-d0-sgd": pr16(
+        0.0, batch_size=64, optimizer="sgd", lr=0.08, weight_decay=0.0005
     ),
     "timm": {
         "model": {"name": "resnet18", "kwargs": {}},

@@ -55,8 +55,9 @@ def keep_freed_memory() -> bool:
 
     Every training step allocates and frees the same activation-sized blocks. By default glibc
     returns them to the kernel (trimming the heap, unmapping big blocks), and the next step
-    page-faults them in again: 2,200-9,800 faults and 5-18 ms of kernel time per step of the
-    Fashion-MNIST preset on a 2-core VM, 0-150 faults and < 0.5 ms with the thresholds raised.
+    page-faults them in again: 1,900-8,700 faults and 3-15 ms of kernel time per step of the
+    Fashion-MNIST preset on a 2-core VM, 0-240 faults and <= 0.3 ms with the thresholds raised
+    (bench/bench_page_faults.py).
     The process then keeps its peak memory until it exits. False where the libc has no mallopt.
     """
     if not sys.platform.startswith("linux"):

@@ -311,18 +311,17 @@ def fit(
     timing: list[dict[str, float]] = []  # this process's epochs: where each one's time went
     for epoch in range(start_epoch, tc.epochs):
         set_epoch(parts.train_batches, cfg.seed, epoch)
+        size = epoch_image_size(tc.image_size, epoch, tc.epochs, tc.progressive_resize)
+        smaller = size != tc.image_size  # progressive resizing: this epoch trains downscaled
         bar = tqdm(
             total=math.ceil(len(train_data[1]) / dist.world_size),  # this rank's images
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            desc=f"epoch {epoch + 1}/{tc.epochs}" + (f" @{size}px" if smaller else ""),
             unit="img",
             disable=None if cfg.progress and dist.is_main else True,
             leave=False,
             dynamic_ncols=True,
         )
         lr = parts.optimizer.param_groups[0]["lr"]
-        size = epoch_image_size(tc.image_size, epoch, tc.epochs, tc.progressive_resize)
-        if size != tc.image_size:
-            bar.set_description(f"epoch {epoch + 1}/{tc.epochs} @{size}px")
         try:
             stats = train_one_epoch(
                 parts.train_net,
@@ -337,7 +336,7 @@ def fit(
                 on_step=(lambda: ema.update(model)) if ema else None,
                 progress=bar,
                 check_every=check_every,
-                size=size,
+                size=size if smaller else None,  # full size: batches as augmentation made them
             )
         except NonFiniteLossError as err:
             raise TrainingError(
