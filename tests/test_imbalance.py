@@ -197,7 +197,8 @@ def test_balanced_sampler_in_both_batch_paths() -> None:
     augment = build_transform(
         parse_params({"augment": {"train": [{"name": "HorizontalFlip", "p": 0.5}]}}).augment.train
     )
-    for transform in (None, augment):  # in-memory slicing, and the DataLoader path
+    # in-memory slicing, the DataLoader path, and in-memory slicing with whole-batch flips
+    for transform, batched in ((None, True), (augment, False), (augment, True)):
         batches = make_batches(
             images,
             labels,
@@ -207,6 +208,7 @@ def test_balanced_sampler_in_both_batch_paths() -> None:
             device=torch.device("cpu"),
             num_workers=0,
             sample_probs=probs,
+            batched_augment=batched,
         )
         seen = []
         for epoch in range(10):

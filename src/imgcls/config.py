@@ -311,6 +311,10 @@ class TrainConfig(Strict):
     compile: bool = False  # torch.compile the model (CUDA: faster after a warm-up)
     # DataLoader workers when augmenting; auto: spare CPUs per process (0 on a 2-core CPU box).
     num_workers: int | Literal["auto"] = Field("auto")
+    # An augment.train of only HorizontalFlip / VerticalFlip / PadIfNeeded (constant, centred) /
+    # RandomCrop runs on whole batches, where the split lives (the GPU's memory on CUDA), with
+    # albumentations' distributions; false: always albumentations, per image, in the DataLoader.
+    batched_augment: bool = True
     deterministic: bool = False
     # CPU only: torch threads for training (None: one per core; auto: 1 or one per core,
     # whichever the start-up probe measures faster). On a CPU shared with other jobs, fewer

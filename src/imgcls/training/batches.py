@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from imgcls.data.batch_augment import BatchAugment
 from imgcls.data.dataset import ImageArrayDataset, label_tensor
 from imgcls.training.imbalance import balanced_order
 
@@ -68,8 +69,16 @@ def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank, n, world)
 
 
+def batch_seed(epoch_seed: int, batch: int, rank: int) -> int:
+    """Seed of one batch's augmentation: the same for any number of workers and on resume."""
+    return int(np.random.SeedSequence([epoch_seed, batch, rank]).generate_state(1)[0])
+
+
 class TensorBatches:
-    """Mini-batches sliced straight from an in-memory uint8 tensor (no per-item Python)."""
+    """Mini-batches sliced straight from an in-memory uint8 tensor (no per-item Python).
+
+    With `augment` (a :class:`BatchAugment`) each batch is augmented whole, where it lives.
+    """
 
     def __init__(
         self,
@@ -82,6 +91,7 @@ class TensorBatches:
         rank: int = 0,
         world: int = 1,
         probs: np.ndarray | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
         y = label_tensor(labels)
@@ -90,25 +100,31 @@ class TensorBatches:
         self.x, self.y = x, y  # (N, C, S, S) uint8, (N,) int64 or (N, K) float32
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world, self.probs = rank, world, probs
+        self.augment = augment
         self.seed = 0
 
     def set_epoch_seed(self, seed: int) -> None:
-        """Seed of the next epoch's permutation (the same on every rank)."""
+        """Seed of the next epoch's permutation and augmentation (the same on every rank)."""
         self.seed = seed
 
     def __len__(self) -> int:
         return num_batches(len(self.y), self.batch_size * self.world, self.world)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self.shuffle and self.world == 1 and self.probs is None:  # views: no copy
-            for i in range(0, len(self.y), self.batch_size):
+        if not self.shuffle and self.world == 1 and self.probs is None and self.augment is None:
+            for i in range(0, len(self.y), self.batch_size):  # views: no copy
                 yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
             return
         order = epoch_permutation(
             len(self.y), shuffle=self.shuffle, seed=self.seed, world=self.world, probs=self.probs
         ).to(self.x.device)
-        for idx in rank_batches(order, self.batch_size * self.world, self.rank, self.world):
-            yield self.x[idx], self.y[idx]
+        batches = rank_batches(order, self.batch_size * self.world, self.rank, self.world)
+        for b, idx in enumerate(batches):
+            x = self.x[idx]
+            if self.augment is not None:
+                gen = torch.Generator().manual_seed(batch_seed(self.seed, b, self.rank))
+                x = self.augment(x, gen)
+            yield x, self.y[idx]
 
 
 class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -141,9 +157,8 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
         )
         batches = rank_batches(order, self.batch_size * self.world, self.rank, self.world)
         for b, idx in enumerate(batches):
-            seq = np.random.SeedSequence([self.seed, b, self.rank])
-            batch_seed = int(seq.generate_state(1)[0])
-            yield [(i, batch_seed) for i in idx.tolist()]
+            seed = batch_seed(self.seed, b, self.rank)
+            yield [(i, seed) for i in idx.tolist()]
 
 
 def _already_batched(batch: Any) -> Any:
@@ -187,14 +202,19 @@ def make_batches(
     rank: int = 0,
     world: int = 1,
     sample_probs: np.ndarray | None = None,
+    batched_augment: bool = True,
 ) -> TensorBatches | DataLoader:
-    """Tensor slicing when there is no augmentation and the split fits in memory, else workers.
+    """Tensor slicing when the split fits in memory and needs no per-image augmentation.
 
+    Otherwise a DataLoader (with workers if `num_workers`) runs albumentations per image.
+    `batched_augment` (`train.batched_augment`) lets a pipeline of flips / PadIfNeeded /
+    RandomCrop run on whole batches instead (:mod:`imgcls.data.batch_augment`).
     `batch_size` is per process: each global batch of `batch_size * world` samples is split
     across the ranks. `sample_probs` (N,) switches shuffling to weighted draws with replacement.
     """
     augment = transform is not None and len(transform) > 0
-    if not augment and images.nbytes <= IN_MEMORY_BYTES:
+    on_batches = BatchAugment.from_compose(transform) if augment and batched_augment else None
+    if (not augment or on_batches is not None) and images.nbytes <= IN_MEMORY_BYTES:
         return TensorBatches(
             images,
             labels,
@@ -204,6 +224,7 @@ def make_batches(
             rank=rank,
             world=world,
             probs=sample_probs,
+            augment=on_batches,
         )
     # Workers: the parent only collates. No workers: the main process augments between the
     # model's steps, and OpenCV's own pool would fight torch's threads for the same cores

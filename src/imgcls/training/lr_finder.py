@@ -190,6 +190,7 @@ def find_lr(
             device=device,
             num_workers=auto_workers(device) if workers == "auto" else workers,
             sample_probs=sample_probs,
+            batched_augment=cfg.batched_augment,
         )
         loss_fn = make_loss(cfg, weights, data.task).to(device)
         optimizer = make_optimizer(model, cfg)

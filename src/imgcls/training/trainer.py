@@ -216,6 +216,7 @@ def _build(
         rank=dist.rank,
         world=dist.world_size,
         sample_probs=sample_probs,
+        batched_augment=tc.batched_augment,
     )
     rows = shard_rows(len(val_data[1]), dist.rank, dist.world_size)
     val_batches = make_batches(
