@@ -1,6 +1,8 @@
 """Whole-batch flips, padding and crops: albumentations' distributions, used only when exact."""
 
+import logging
 from collections import Counter
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -11,7 +13,9 @@ from torch.utils.data import DataLoader
 from imgcls.config import parse_params
 from imgcls.data.augment import build_transform
 from imgcls.data.batch_augment import BatchAugment
+from imgcls.data.dataset import load_split_data
 from imgcls.training.batches import TensorBatches, make_batches, set_epoch
+from imgcls.training.train import train_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -132,3 +136,26 @@ def test_batched_epochs_are_seeded_per_epoch_and_keep_labels_with_images() -> No
 def test_a_crop_larger_than_the_images_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="PadIfNeeded"):
         _batched([A.RandomCrop(height=7, width=7)], IMAGE, 2)
+
+
+def test_training_on_whole_batch_augmentation_learns_and_says_so(
+    pattern_splits: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, splits = pattern_splits
+    shift = [
+        {"name": "PadIfNeeded", "min_height": 18, "min_width": 18, "border_mode": 0},
+        {"name": "RandomCrop", "height": 16, "width": 16},
+    ]
+    params = parse_params(
+        {
+            "model": {"name": "simple_cnn", "kwargs": {"widths": [8, 16]}},
+            "augment": {"train": shift},
+            "train": {"epochs": 6, "batch_size": 16, "lr": 0.01, "image_size": 16, "device": "cpu"},
+        }
+    )
+    data = load_split_data(splits, root, 16, "auto", root / "cache", progress=False)
+    with caplog.at_level(logging.INFO, logger="imgcls.train"):
+        result, _ = train_model(params, data, checkpoint_path=None, progress=False)
+    assert "augment.train: on whole batches (BatchAugment(PadIfNeeded, RandomCrop))" in caplog.text
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert max(h["val_accuracy"] for h in result.history) >= 0.8

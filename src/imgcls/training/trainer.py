@@ -32,7 +32,13 @@ from imgcls.config import TrainConfig
 from imgcls.models.bundle import Preprocess
 from imgcls.task import Task, output_units, safe_name
 from imgcls.training import checkpoint
-from imgcls.training.batches import auto_workers, make_batches, set_epoch, shard_rows
+from imgcls.training.batches import (
+    TensorBatches,
+    auto_workers,
+    make_batches,
+    set_epoch,
+    shard_rows,
+)
 from imgcls.training.checkpoint import TrainState
 from imgcls.training.distributed import Dist, gather_objects, gather_rows
 from imgcls.training.ema import ModelEma
@@ -218,6 +224,15 @@ def _build(
         sample_probs=sample_probs,
         batched_augment=tc.batched_augment,
     )
+    if dist.is_main and cfg.transform is not None and len(cfg.transform):
+        on_batches = isinstance(train_batches, TensorBatches)  # only an augmenting one has it
+        log.info(
+            "augment.train: %s",
+            f"on whole batches ({train_batches.augment})"
+            if on_batches
+            else "per image by albumentations, "
+            + (f"{workers} DataLoader workers" if workers else "in the training process"),
+        )
     rows = shard_rows(len(val_data[1]), dist.rank, dist.world_size)
     val_batches = make_batches(
         np.asarray(val_data[0])[rows],
