@@ -15,7 +15,7 @@ from imgcls.io import read_csv
 from imgcls.models.bundle import Preprocess, load_bundle, save_bundle
 from imgcls.training.batches import epoch_permutation, make_batches, rank_batches, set_epoch
 from imgcls.training.ema import ModelEma
-from imgcls.training.loop import Runtime, epoch_image_size, train_one_epoch
+from imgcls.training.loop import Runtime, epoch_image_size, train_one_epoch, validates_epoch
 from imgcls.training.setup import (
     TrainingError,
     make_optimizer,
@@ -416,7 +416,29 @@ def test_progressive_resize_trains_and_reports_the_sides(
         _params(epochs=6, progressive_resize=schedule), data, checkpoint_path=None, progress=False
     )
     assert [e["image_size"] for e in result.extra["timing"]] == [8, 8, 12, 16, 16, 16]
-    assert max(h["val_accuracy"] for h in result.history) >= 0.8  # validated at 16 px
+    # only the full-size epochs are validated (at 16 px); the small ones train only
+    assert ["val_accuracy" in h for h in result.history] == [False] * 3 + [True] * 3
+    assert all(e["val_s"] < 0.01 for e in result.extra["timing"][:3])
+    assert result.best_epoch >= 4
+    assert max(h.get("val_accuracy", 0) for h in result.history) >= 0.8
+
+    every = {**schedule, "validate_small": True}
+    result, _ = train_model(
+        _params(epochs=6, progressive_resize=every), data, checkpoint_path=None, progress=False
+    )
+    assert all("val_accuracy" in h for h in result.history)
+
+
+def test_validated_epochs_follow_the_resize_schedule() -> None:
+    plain = TrainConfig(image_size=28, epochs=13)
+    assert all(validates_epoch(plain, e) for e in range(13))
+    small = {"start_size": 16, "full_at": 0.6}
+    resized = TrainConfig(image_size=28, epochs=13, progressive_resize=small)
+    assert [validates_epoch(resized, e) for e in range(13)] == [False] * 8 + [True] * 5
+    every = TrainConfig(
+        image_size=28, epochs=13, progressive_resize={**small, "validate_small": True}
+    )
+    assert all(validates_epoch(every, e) for e in range(13))
 
 
 _STEPS = """

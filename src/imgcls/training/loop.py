@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from imgcls.config import ProgressiveResize
+from imgcls.config import ProgressiveResize, TrainConfig
 from imgcls.models.bundle import Preprocess
 from imgcls.training.distributed import all_reduce_sum
 
@@ -71,6 +71,14 @@ def epoch_image_size(
     side = schedule.start_size + (image_size - schedule.start_size) * epoch / full
     side = int(side) // schedule.multiple * schedule.multiple
     return min(image_size, max(side, schedule.start_size))
+
+
+def validates_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether `fit` validates after `epoch` (0-based): not after a downscaled one by default."""
+    schedule = cfg.progressive_resize
+    if schedule is None or schedule.validate_small:
+        return True
+    return epoch_image_size(cfg.image_size, epoch, cfg.epochs, schedule) == cfg.image_size
 
 
 def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:

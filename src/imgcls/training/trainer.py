@@ -50,6 +50,7 @@ from imgcls.training.loop import (
     epoch_image_size,
     predict_logits,
     train_one_epoch,
+    validates_epoch,
 )
 from imgcls.training.setup import (
     TrainingError,
@@ -363,12 +364,8 @@ def fit(
         finally:
             bar.close()
         t_val = time.perf_counter()
-        val_logits, val_labels = predict_logits(parts.eval_net, prep, parts.val_batches, parts.rt)
-        if len(val_labels) == 0:
-            val_logits = np.zeros((0, output_units(cfg.task, num_classes)), np.float32)
-        val_logits, val_labels = gather_rows(val_logits), gather_rows(val_labels)
-        per_class = names if num_classes <= PER_CLASS_MAX else None
-        val = classification_scores(val_logits, val_labels, num_classes, per_class, cfg.task)
+        validate = validates_epoch(tc, epoch)  # progressive resizing: full-size epochs only
+        val = _validate(parts, prep, num_classes, names, cfg) if validate else {}
         row = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -379,30 +376,44 @@ def fit(
             **{f"val_{k}": v for k, v in val.items()},
         }
         history.append(row)
-        value = val.get(monitor, -stats.loss if not minimise else stats.loss)
         t_checkpoint = time.perf_counter()
-        improved = _better(value, best_value, tc.monitor)
-        if improved:
-            best_value, best_epoch = value, epoch + 1
-            best_state = copy.deepcopy((ema.module if ema else model).state_dict())
-            patience_left = tc.early_stopping_patience
-        elif patience_left is not None:
-            patience_left -= 1
-        say(
-            "epoch %d/%d  train_loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %s %.4f%s"
-            "  %.0f img/s  %.1fs",
-            epoch + 1,
-            tc.epochs,
-            stats.loss,
-            stats.accuracy,
-            val.get("loss", math.nan),
-            val.get("accuracy", math.nan),
-            tc.monitor,
-            value,
-            " *" if improved else "",
-            stats.images_per_s,
-            stats.seconds,
-        )
+        improved = False
+        if validate:
+            value = val.get(monitor, -stats.loss if not minimise else stats.loss)
+            improved = _better(value, best_value, tc.monitor)
+            if improved:
+                best_value, best_epoch = value, epoch + 1
+                best_state = copy.deepcopy((ema.module if ema else model).state_dict())
+                patience_left = tc.early_stopping_patience
+            elif patience_left is not None:
+                patience_left -= 1
+            say(
+                "epoch %d/%d  train_loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %s %.4f%s"
+                "  %.0f img/s  %.1fs",
+                epoch + 1,
+                tc.epochs,
+                stats.loss,
+                stats.accuracy,
+                val.get("loss", math.nan),
+                val.get("accuracy", math.nan),
+                tc.monitor,
+                value,
+                " *" if improved else "",
+                stats.images_per_s,
+                stats.seconds,
+            )
+        else:
+            say(
+                "epoch %d/%d @%dpx  train_loss %.4f  acc %.4f  (validated at full size only)"
+                "  %.0f img/s  %.1fs",
+                epoch + 1,
+                tc.epochs,
+                size,
+                stats.loss,
+                stats.accuracy,
+                stats.images_per_s,
+                stats.seconds,
+            )
         stop = patience_left is not None and patience_left <= 0
         if cfg.checkpoint_path is not None:
             rng_per_rank = gather_objects(checkpoint.rng_state())  # collective: every rank
@@ -457,6 +468,18 @@ def fit(
     return FitResult(
         model, history, best_epoch, float(best_value), stopped_early, start_epoch, extra
     )
+
+
+def _validate(
+    parts: _Parts, prep: Preprocess, num_classes: int, names: list[str], cfg: FitConfig
+) -> dict[str, float]:
+    """Scores of the validation split (gathered from every rank), keys without `val_`."""
+    logits, labels = predict_logits(parts.eval_net, prep, parts.val_batches, parts.rt)
+    if len(labels) == 0:
+        logits = np.zeros((0, output_units(cfg.task, num_classes)), np.float32)
+    logits, labels = gather_rows(logits), gather_rows(labels)
+    per_class = names if num_classes <= PER_CLASS_MAX else None
+    return classification_scores(logits, labels, num_classes, per_class, cfg.task)
 
 
 def _quiet(*_: Any) -> None:

@@ -71,7 +71,7 @@ def make_objective(params: Params, job: _Job, data: _DataCache) -> Callable[[opt
     """The function Optuna calls per trial: train with the suggested values, return the metric."""
     import optuna
 
-    from imgcls.training.loop import NonFiniteLossError
+    from imgcls.training.loop import NonFiniteLossError, validates_epoch
     from imgcls.training.train import train_model
     from imgcls.training.trainer import TrainingError
 
@@ -92,6 +92,8 @@ def make_objective(params: Params, job: _Job, data: _DataCache) -> Callable[[opt
                 raise KeyboardInterrupt
             if run is not None:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if not validates_epoch(trial_params.train, epoch - 1):
+                return  # a downscaled epoch of progressive resizing: nothing to judge yet
             if metric not in row:
                 keys = ", ".join(k for k in row if k != "epoch")
                 raise TuneError(
