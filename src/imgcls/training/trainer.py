@@ -226,7 +226,7 @@ def _build(
         batched_augment=tc.batched_augment,
     )
     if dist.is_main and cfg.transform is not None and len(cfg.transform):
-        on_batches = isinstance(train_batches, TensorBatches)  # only an augmenting one has it
+        on_batches = isinstance(train_batches, TensorBatches)  # with a transform: batched
         log.info(
             "augment.train: %s",
             f"on whole batches ({train_batches.augment})"
@@ -295,7 +295,7 @@ def fit(
     num_classes: int,
     cfg: FitConfig,
 ) -> FitResult:
-    """Train `model`, validating every epoch; go on from `cfg.resume` if given.
+    """Train `model`, validating every full-size epoch; go on from `cfg.resume` if given.
 
     With several processes (`cfg.dist`), every rank trains on its share of each global batch
     under DDP, validation predictions are gathered so that every rank computes the same metrics
