@@ -1,9 +1,9 @@
 """Milliseconds per training step through the engine's three batch paths, on real Fashion-MNIST.
 
 The product's `make_batches` + `train_one_epoch` on the first `--steps` x 64 training images
-(Debian's `dataset-fashion-mnist`), the preset's net (simple_cnn [32, 64, 128], convs [1, 2, 2],
-pool_before_norm, no dropout), AdamW as the engine builds it, fp32, NHWC, this machine's cores
-as threads, at 16 px (progressive resizing's first side) and 28 px:
+(Debian's `dataset-fashion-mnist`), the preset's net (`params/fashion-mnist.yaml`) without
+dropout, AdamW as the engine builds it, fp32, NHWC, this machine's cores as threads, at 16 px
+(progressive resizing's first side) and 28 px:
 
   albumentations  the preset's flip + pad + crop per image in the main process (what
                   `train.batched_augment: false` does on a 2-core CPU: no workers)
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name
@@ -41,11 +42,10 @@ from imgcls.training.setup import keep_freed_memory, make_loss, make_optimizer
 
 IDX = FASHION_LOCAL_DIRS[0] / "train-images-idx3-ubyte.gz"
 LABELS = FASHION_LOCAL_DIRS[0] / "train-labels-idx1-ubyte.gz"
-AUGMENT = [
-    {"name": "HorizontalFlip", "p": 0.5},
-    {"name": "PadIfNeeded", "min_height": 32, "min_width": 32, "border_mode": 0},
-    {"name": "RandomCrop", "height": 28, "width": 28},
-]
+# The shipped preset's augmentation and net, read from its file so the two cannot drift apart.
+PRESET = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "params/fashion-mnist.yaml").read_text()
+)
 PATHS = ("albumentations", "batched", "none")
 
 
@@ -62,14 +62,14 @@ def main() -> None:
     labels = read_idx(LABELS)[:n].astype(np.int64)
     params = parse_params(
         {
-            "augment": {"train": AUGMENT},
+            "augment": {"train": PRESET["augment"]["train"]},
             "train": {"lr": 3e-3, "weight_decay": 0.05, "label_smoothing": 0.1},
         }
     )
     transform = build_transform(params.augment.train)
     torch.manual_seed(0)
-    kw = {"widths": [32, 64, 128], "convs_per_stage": [1, 2, 2], "pool_before_norm": True}
-    net = create_model("simple_cnn", in_chans=1, num_classes=10, image_size=28, dropout=0.0, **kw)
+    kw = {**PRESET["model"]["kwargs"], "dropout": 0.0}
+    net = create_model(PRESET["model"]["name"], in_chans=1, num_classes=10, image_size=28, **kw)
     net = net.to(memory_format=torch.channels_last)
     opt, loss_fn = make_optimizer(net, params.train), make_loss(params.train)
     prep, rt = Preprocess(*channel_stats(images)), Runtime(torch.device("cpu"), None, True)
