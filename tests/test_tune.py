@@ -292,6 +292,9 @@ def test_tune_resumes_the_study_after_an_interruption(split_project: Path, tmp_p
     root = _copy(split_project, tmp_path / "copy")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tune"]["study_name"] = "resume-test"
+    # Longer trials than the shared project's 3 epochs: a trial of 0.1 s could start and end
+    # between two looks of the loop below on a loaded CI machine, and no Ctrl-C would land.
+    params["train"]["epochs"] = 10
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     sh("imgcls", "tune", "--n-trials", "2", cwd=root)
