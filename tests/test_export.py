@@ -83,10 +83,16 @@ def test_a_timm_model_exports_to_both_formats(tmp_path: Path) -> None:
 
 
 def test_shifted_tta_and_early_pooling_export_to_both_formats(tmp_path: Path) -> None:
-    """The preset's model (pool_before_norm, hflip_shift: edge-padded shifts) exports exactly."""
+    """The preset's model (pool_before_norm, a 3x3 head grid, shifted TTA) exports exactly."""
     torch.manual_seed(0)
-    net = create_model(
-        "simple_cnn", in_chans=1, num_classes=3, image_size=16, widths=[4, 8], pool_before_norm=True
+    net = create_model(  # the head pools an 8x8 map to 3x3: windows of unequal size
+        "simple_cnn",
+        in_chans=1,
+        num_classes=3,
+        image_size=16,
+        widths=[4, 8],
+        pool_before_norm=True,
+        head_grid=3,
     )
     meta = {"arch": "simple_cnn", "classes": list("abc"), "image_size": 16, "channels": 1}
     meta["tta"] = "hflip_shift"

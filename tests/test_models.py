@@ -78,6 +78,32 @@ def test_simple_cnn_can_pool_before_norm() -> None:
     _one_step_lowers_loss(early, 1, 28)
 
 
+def test_simple_cnn_head_grid_sees_where_a_feature_is() -> None:
+    """`head_grid: 3` reads a 3x3 grid of the last stage: the same blob in two places differs."""
+    torch.manual_seed(0)
+    kw = {"widths": [4, 8, 16], "convs_per_stage": [1, 1, 1], "pool_before_norm": True}
+    gap = create_model("simple_cnn", in_chans=1, num_classes=3, image_size=28, **kw).eval()
+    grid = create_model(
+        "simple_cnn", in_chans=1, num_classes=3, image_size=28, head_grid=3, **kw
+    ).eval()
+    assert isinstance(grid[-1], torch.nn.Linear) and grid[-1].in_features == 16 * 9
+    # a blob on a zero background (40 px: no conv's reach hits the border), moved by 16 px (a
+    # multiple of the two pools' stride 4): the convs see the same thing, so the global average
+    # cannot tell the places apart
+    top_left, bottom_right = torch.zeros(2, 1, 1, 40, 40)
+    top_left[..., 8:12, 8:12] = 1.0
+    bottom_right[..., 24:28, 24:28] = 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(gap(top_left), gap(bottom_right))
+        assert (grid(top_left) - grid(bottom_right)).abs().max() > 1e-3
+        # any input size (progressive resizing trains at 16-24 px before 28)
+        for size in (16, 20, 24, 28):
+            assert grid(torch.randn(2, 1, size, size)).shape == (2, 3)
+    _one_step_lowers_loss(grid.train(), 1, 28)
+    with pytest.raises(ModelError, match="head_grid 0 must be >= 1"):
+        create_model("simple_cnn", in_chans=1, num_classes=3, image_size=28, head_grid=0)
+
+
 @pytest.mark.parametrize("name", TIMM_SAMPLE)
 def test_timm_models_through_registry(name: str) -> None:
     model = create_model(name, in_chans=1, num_classes=3, image_size=32)

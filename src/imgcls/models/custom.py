@@ -70,6 +70,16 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, pool: bool = False) -> nn.Seq
     return nn.Sequential(conv, *pooled, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _head(cin: int, num_classes: int, dropout: float, grid: int = 1) -> list[nn.Module]:
+    """Average-pool to a `grid` x `grid` map (1: global), flatten, dropout, one linear layer."""
+    return [
+        nn.AdaptiveAvgPool2d(grid),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(cin * grid * grid, num_classes),
+    ]
+
+
 @register_model("simple_cnn")
 def simple_cnn(
     in_chans: int,
@@ -79,14 +89,19 @@ def simple_cnn(
     convs_per_stage: int | Sequence[int] = 2,
     dropout: float = 0.2,
     pool_before_norm: bool = False,
+    head_grid: int = 1,
 ) -> nn.Module:
-    """VGG-style stages of 3x3 conv-BN-ReLU, max-pool between stages, global average pool.
+    """VGG-style stages of 3x3 conv-BN-ReLU, max-pool between stages, average-pooled head.
 
     `convs_per_stage` is one number for every stage or one per stage (e.g. `[1, 2, 2]`: a
     single conv at full resolution, where convs cost the most). `pool_before_norm` pools each
     stage's last conv output before its BN and ReLU (airbench's order), so those run on a
-    quarter of the pixels.
+    quarter of the pixels. `head_grid` average-pools the last stage to a `head_grid` x
+    `head_grid` grid (1: global average pooling) and the linear head reads every cell, so it
+    sees where a feature is, at any input size.
     """
+    if head_grid < 1:
+        raise TypeError(f"head_grid {head_grid} must be >= 1 (1: global average pooling)")
     if isinstance(convs_per_stage, int):
         convs_per_stage = [convs_per_stage] * len(widths)
     if len(convs_per_stage) != len(widths) or min(convs_per_stage, default=1) < 1:
@@ -102,13 +117,7 @@ def simple_cnn(
             last_before_pool = pool_before_norm and c == convs - 1 and i < len(widths) - 1
             layers.append(_conv_bn(cin, w, pool=last_before_pool))
             cin = w
-    layers += [
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(cin, num_classes),
-    ]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, *_head(cin, num_classes, dropout, head_grid))
 
 
 class BasicBlock(nn.Module):
@@ -149,10 +158,4 @@ def small_resnet(
         for b in range(blocks_per_stage):
             layers.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1))
             cin = w
-    layers += [
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(cin, num_classes),
-    ]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, *_head(cin, num_classes, dropout))
