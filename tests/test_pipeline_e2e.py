@@ -45,7 +45,7 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
     assert metrics["recall_9"] == pytest.approx((predicted[actual == "9"] == "9").mean(), abs=1e-6)
     assert metrics["f1_0"] == pytest.approx(f1_score(actual == "0", predicted == "0"), abs=1e-6)
     assert metrics["accuracy"] > 0.8  # 3 epochs on digits; the default 15 reach >= 0.95
-    # DVC's metrics are the headline only: the reports and per-class numbers stay files
+    # DVC's metrics are the headline and the train stage's timing: per-class numbers stay files
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=root).stdout)
     declared = {name: set(v["data"]) for name, v in shown[""]["data"].items()}
     assert declared == {
@@ -56,8 +56,12 @@ def test_repro_then_noop_then_experiment(tmp_path: Path) -> None:
             "train_time_s",
             "val_accuracy",
             "val_loss",
+            "timing",  # the train stage's seconds by part (issue 19), under one key
         },
     }, declared
+    timing = shown[""]["data"]["metrics/train.json"]["data"]["timing"]
+    assert {"startup_s", "imports_s", "data_s", "train_s", "val_s", "model_save_s"} <= set(timing)
+    assert timing["total_s"] >= timing["train_s"] > 0, timing
     assert "Downloading artifacts" not in first.stdout + first.stderr  # no MLflow progress bars
 
     dag = sh("dvc", "dag", "--dot", cwd=root).stdout.replace('"', "").replace(" ", "")

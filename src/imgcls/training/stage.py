@@ -36,7 +36,8 @@ def run_train_stage(paths: TrainPaths, params: Params) -> str | None:
 
     Under `torchrun --nproc_per_node=N` every process runs the stage; only rank 0 talks to
     MLflow and writes outputs, the others just train their share of each batch. Every part's
-    seconds go to the details file's `timing` and the run's `time/<part>_s` metrics.
+    seconds go to `timing` in the metrics file (the stage's parts) and in the details file (with
+    each epoch's), and to the run's `time/<part>_s` metrics.
     """
     clock = StageClock()
     run = None
@@ -107,6 +108,9 @@ def run_train_stage(paths: TrainPaths, params: Params) -> str | None:
     write_csv(paths.history, pd.DataFrame(result.history))
     headline, details = train_metrics(result)
     details["timing"] = clock.report(epochs)
+    # the stage's parts as a DVC metric (`dvc metrics show`, `dvc exp show`): where the stage's
+    # seconds went, per run and per experiment; each epoch's own stay in the details file
+    headline["timing"] = clock.report()
     if probe is not None:  # absent when nothing was probed (deterministic, fixed settings)
         details["probe"] = probe
     write_json(paths.details, details)

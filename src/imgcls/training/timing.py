@@ -2,7 +2,8 @@
 
 The train stage marks each part as it ends (start-up, imports, data, fit, model save, tracking
 wait, ...); fit adds each epoch's train / val / checkpoint / log seconds. The parts go to
-`reports/train_details.json` (`timing`) and to the MLflow run as `time/<part>_s` metrics.
+`metrics/train.json` and `reports/train_details.json` (`timing`; the details file adds each
+epoch's), and to the MLflow run as `time/<part>_s` metrics.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class StageClock:
         self.parts[part] = round(max(rest, 0.0), 3)
 
     def report(self, epochs: list[dict[str, float]] | None = None) -> dict[str, Any]:
-        """`{total_s, <part>_s..., epochs: [...]}` for the details file."""
+        """`{total_s, <part>_s...}` (the metrics file); with `epochs` too (the details file)."""
         out: dict[str, Any] = {"total_s": round(sum(self.parts.values()), 3)}
         out.update({f"{k}_s": v for k, v in self.parts.items()})
         if epochs is not None:

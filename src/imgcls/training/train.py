@@ -315,8 +315,8 @@ def val_thresholds(
     return tune_thresholds(data.task, labels, probs, params.train.threshold_metric)
 
 
-# What `metrics/train.json` keeps for DVC's tables; the best epoch's whole row (per-class val
-# recall, lr, throughput) goes to the details file.
+# What `metrics/train.json` keeps for DVC's tables (the stage adds its `timing` parts); the
+# best epoch's whole row (per-class val recall, lr, throughput) goes to the details file.
 TRAIN_HEADLINE_KEYS = ("best_epoch", "epochs_run", "train_time_s", "val_accuracy", "val_loss")
 
 
