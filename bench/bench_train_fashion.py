@@ -46,6 +46,17 @@ FLIP_CROP = [
     {"name": "RandomCrop", "height": 28, "width": 28},
 ]
 
+# The optimiser and schedule every 28-px recipe shares: AdamW one-cycle over 13 epochs.
+ADAMW_13 = {
+    "epochs": 13,  # 93.0 % test in 353 s on a quiet 2-core AMX box (bench/RESULTS.md)
+    "batch_size": 128,
+    "optimizer": "adamw",
+    "lr": 0.004,
+    "weight_decay": 0.05,
+    "scheduler": "onecycle",
+    "label_smoothing": 0.1,
+}
+
 # The preset as issue 19's first four sessions shipped it (every epoch at 28 px, batch 128,
 # dropout 0.2, global average pooling): the base the earlier recipes below were built on.
 ALL28: dict = {
@@ -67,13 +78,7 @@ ALL28: dict = {
     },
     "train": {
         "image_size": 28,
-        "epochs": 13,
-        "batch_size": 128,
-        "optimizer": "adamw",
-        "lr": 0.004,
-        "weight_decay": 0.05,
-        "scheduler": "onecycle",
-        "label_smoothing": 0.1,
+        **ADAMW_13,
         "monitor": "val_accuracy",
         "precision": "auto",
         "channels_last": "auto",
@@ -114,13 +119,7 @@ RECIPES: dict[str, dict] = {
         },
         "augment": {"train": FLIP_CROP},
         "train": {
-            "epochs": 13,  # 93.0 % test in 353 s on a quiet 2-core box (bench/RESULTS.md)
-            "batch_size": 128,
-            "optimizer": "adamw",
-            "lr": 0.004,
-            "weight_decay": 0.05,
-            "scheduler": "onecycle",
-            "label_smoothing": 0.1,
+            **ADAMW_13,
             "precision": "bf16",  # AMX / AVX-512-BF16 autocast with channels-last
             "cpu_threads": 2,  # on a quiet box; use --threads 1 when other jobs share the CPU
             "monitor": "val_accuracy",
